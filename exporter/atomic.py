@@ -1,0 +1,140 @@
+"""Durable, atomic writes: temp name in the same directory, fsync, rename, fsync the directory.
+
+A crash or a full disk at any point leaves either the previous file/directory or the new
+one under the final name, never a half-written one.  Leftover temp names start with
+``.tmp-`` and can be removed by :func:`clean_temp`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = [
+    "TMP_PREFIX",
+    "atomic_write",
+    "write_bytes",
+    "write_text",
+    "atomic_dir",
+    "fsync_dir",
+    "fsync_tree",
+    "clean_temp",
+]
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so that a rename inside it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike[str]) -> None:
+    """fsync every file and directory under ``root`` (inclusive)."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Open a temp file beside ``path`` for binary writing; on success fsync and rename it.
+
+    On any exception the temp file is removed and ``path`` is untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``."""
+    with atomic_write(path) as fh:
+        fh.write(data)
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Atomically replace ``path`` with UTF-8 ``text``."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, replace: bool = True) -> Iterator[Path]:
+    """Build a directory under a temp name beside ``path``; on success publish it as ``path``.
+
+    Yields the temp directory to fill.  On success every file in it is fsynced, it is
+    renamed to ``path`` and the parent is fsynced.  If ``path`` already exists it is
+    replaced (``replace=True``): the old directory is first renamed aside, then the new one
+    renamed in, then the old one deleted, so the final name always holds a complete tree.
+    On any exception the temp directory is removed and ``path`` is untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if final.exists():
+            if not replace:
+                raise FileExistsError(f"{final} already exists")
+            old = final.parent / f"{TMP_PREFIX}old-{final.name}.{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_temp(directory: str | os.PathLike[str], *, on_remove: Callable[[Path], None] | None = None) -> list[Path]:
+    """Remove leftover ``.tmp-*`` files/directories in ``directory`` (from a crash); return them."""
+    removed: list[Path] = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for entry in sorted(d.iterdir()):
+        if entry.name.startswith(TMP_PREFIX):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+            removed.append(entry)
+            if on_remove is not None:
+                on_remove(entry)
+    return removed

@@ -1,0 +1,292 @@
+"""``python -m exporter``: argument parsing only; every flag maps to a keyword of ``exporter.api``.
+
+    exporter [--registry MODULE] list    [--json]
+    exporter [--registry MODULE] inspect CHECKPOINT [--json]
+    exporter [--registry MODULE] export  MODEL... | --all [--checkpoint PATH] [--framework torch|flax|all]
+                                         [--out DIR] [--opset N] [--batch-sizes 1,2,7,64] [--atol X] [--rtol Y]
+                                         [--inputs FILE.npz] [--seed S] [--external-data] [--json] [--junit FILE]
+    exporter [--registry MODULE] verify  BUNDLE... [--runtime onnxruntime|reference|node] [--json] [--junit FILE]
+    exporter [--registry MODULE] convert SRC DST [--model NAME --to torch|flax] [--format FMT] [--json]
+    exporter [--registry MODULE] train   MODEL --ckpt-dir DIR --steps N [--every K] [--keep N]
+                                         [--keep-every M] [--framework torch|flax] [--seed S] [--json]
+
+Exit codes: 0 success, 1 parity/verification failure, 2 bad usage or bad input (one
+``Type: message`` on stderr, no traceback).  Reports go to stdout (``--json``: JSON);
+progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from exporter import atomic
+from exporter.errors import ExporterError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,7,64, got {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,7,64, got {text!r}")
+    return sizes
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return x
+
+
+def _positive_int(text: str) -> int:
+    try:
+        x = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if x < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    from exporter import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--registry",
+        action="append",
+        metavar="MODULE",
+        default=argparse.SUPPRESS,
+        help="import MODULE (it calls models.registry.register) before running; repeatable or comma-separated",
+    )
+    parser = argparse.ArgumentParser(
+        prog="exporter",
+        description="Rebuild models from saved state, export them to ONNX, and prove the export matches.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"exporter {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("list", parents=[common], help="list registry models and their frameworks")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("inspect", parents=[common], help="show a saved state's format, tensors, bytes and sha256")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="state file or checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("export", parents=[common], help="export to ONNX and check parity over a batch-size sweep")
+    p.add_argument("model", metavar="MODEL", nargs="*", help="registry name(s) (see `exporter list`)")
+    p.add_argument("--all", dest="all_models", action="store_true", help="export every registry model")
+    p.add_argument("--checkpoint", metavar="PATH", help="saved state to export (default: a seeded initial state)")
+    p.add_argument("--framework", choices=("torch", "flax", "all"), default="all", help="which build to export (default: all)")
+    p.add_argument("--out", default="out", metavar="DIR", help="output root; bundles go to DIR/<model>/<framework> (default: out)")
+    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: 20)")
+    p.add_argument("--batch-sizes", type=_batch_sizes, metavar="LIST", help="parity sweep batch sizes (default: 1,2,7,64)")
+    p.add_argument("--atol", type=_nonneg_float, metavar="X", help="absolute tolerance (default: the model's, by dtype)")
+    p.add_argument("--rtol", type=_nonneg_float, metavar="Y", help="relative tolerance (default: the model's, by dtype)")
+    p.add_argument("--inputs", metavar="FILE.npz", help="user inputs (one array per model input) checked as one more case")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial state and of the sweep inputs (default: 0)")
+    p.add_argument("--external-data", action="store_true", default=None, help="always write weights to model.onnx.data")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
+
+    p = sub.add_parser("verify", parents=[common], help="rerun a bundle's test data in a runtime (needs only onnx + the runtime)")
+    p.add_argument("bundles", metavar="BUNDLE", nargs="+", help="bundle directory, or an export's --out directory")
+    p.add_argument("--runtime", choices=("onnxruntime", "reference", "node"), default="onnxruntime", help="default: onnxruntime")
+    p.add_argument("--atol", type=_nonneg_float, metavar="X", help="override the manifest's absolute tolerance")
+    p.add_argument("--rtol", type=_nonneg_float, metavar="Y", help="override the manifest's relative tolerance")
+    p.add_argument("--json", action="store_true", help="print the report(s) as JSON")
+    p.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
+
+    p = sub.add_parser("convert", parents=[common], help="convert saved state between formats and frameworks")
+    p.add_argument("src", metavar="SRC", help="state to read (format sniffed from its bytes)")
+    p.add_argument("dst", metavar="DST", help="state to write (format from its extension, or --format)")
+    p.add_argument("--model", metavar="NAME", help="check the state against this registry model (needed for --to)")
+    p.add_argument("--to", choices=("torch", "flax"), help="layout to write: torch (canonical) or flax")
+    p.add_argument(
+        "--format", choices=("safetensors", "torch", "npz", "flax-msgpack", "orbax"), help="output format (default: from DST's extension)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("train", parents=[common], help="train with crash-safe checkpoints; resumes from --ckpt-dir")
+    p.add_argument("model", metavar="MODEL", help="registry name")
+    p.add_argument("--ckpt-dir", required=True, metavar="DIR", help="checkpoint directory (resumed from if it holds a run)")
+    p.add_argument("--steps", required=True, type=_positive_int, metavar="N", help="total steps")
+    p.add_argument("--every", type=_positive_int, default=10, metavar="K", help="checkpoint every K steps (default: 10)")
+    p.add_argument("--keep", type=_positive_int, default=3, metavar="N", help="keep the last N checkpoints (default: 3)")
+    p.add_argument("--keep-every", type=_positive_int, metavar="M", help="also keep every checkpoint whose step is a multiple of M")
+    p.add_argument("--framework", choices=("torch", "flax"), default="torch", help="default: torch")
+    p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+def _print_json(obj: Any, out: TextIO) -> None:
+    out.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def _cmd_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from exporter import api
+
+    models = api.list_models()
+    if args.json:
+        _print_json([m.to_dict() for m in models], out)
+        return EXIT_OK
+    rows = [("name", "frameworks", "inputs -> outputs", "summary")]
+    rows += [(m.name, ",".join(m.frameworks), m.signature(), m.summary) for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        out.write("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[3] + "\n")
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from exporter import api
+
+    info = api.inspect(args.checkpoint)
+    if args.json:
+        _print_json(info.to_dict(), out)
+    else:
+        out.write("\n".join(info.lines()) + "\n")
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from exporter import api
+
+    several = args.all_models or len(args.model) > 1 or args.framework == "all"
+
+    def progress(line: str) -> None:
+        err.write(line + "\n")
+        err.flush()
+
+    report = api.export(
+        args.model or None,
+        all_models=args.all_models,
+        checkpoint=args.checkpoint,
+        framework=args.framework,
+        out=args.out,
+        opset=args.opset,
+        batch_sizes=args.batch_sizes,
+        atol=args.atol,
+        rtol=args.rtol,
+        inputs=args.inputs,
+        seed=args.seed,
+        external_data=args.external_data,
+        progress=progress if several else None,
+    )
+    if args.junit:
+        atomic.write_text(args.junit, report.to_junit_xml())
+    if args.json:
+        _print_json(report.to_dict(), out)
+    else:
+        out.write(report.table() + "\n")
+    for e in report.errors:  # also on stderr, as `Type: message`, for scripts that only watch stderr
+        err.write(f"{e.error}: {e.model} ({e.framework}): {e.message}\n")
+    return report.exit_code
+
+
+def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from exporter import api, bundle
+
+    paths: list[Path] = []
+    for b in args.bundles:
+        paths += bundle.find_bundles(b)
+    reports = [api.verify(p, args.runtime, atol=args.atol, rtol=args.rtol) for p in dict.fromkeys(paths)]
+    if args.junit:
+        atomic.write_text(args.junit, api.merge_junit(reports))
+    if args.json:
+        _print_json(reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports], out)
+    else:
+        for p, r in zip(dict.fromkeys(paths), reports):
+            out.write(f"{p}\n{r.table()}\n")
+            if not r.ok:
+                out.write("failures:\n" + "".join(f"  - {line}\n" for line in r.failures()))
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAIL
+
+
+def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from exporter import api
+
+    report = api.convert(args.src, args.dst, model=args.model, to=args.to, format=args.format)
+    if args.json:
+        _print_json(report.to_dict(), out)
+    else:
+        out.write(report.line() + "\n")
+    return EXIT_OK
+
+
+def _cmd_train(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from exporter import api
+
+    result = api.train(
+        args.model,
+        args.ckpt_dir,
+        args.steps,
+        every=args.every,
+        keep=args.keep,
+        keep_every=args.keep_every,
+        framework=args.framework,
+        seed=args.seed,
+    )
+    d = result.to_dict()
+    if args.json:
+        _print_json(d, out)
+    else:
+        resumed = f", resumed from {d.get('resumed_from')}" if d.get("resumed_from") else ""
+        out.write(
+            f"{d.get('model')} ({d.get('framework')}): step {d.get('start_step')} -> {d.get('final_step')} of {d.get('steps')}"
+            f"{resumed}; loss {d.get('loss')}; last checkpoint {d.get('checkpoint')}\n"
+        )
+    return EXIT_OK if result else EXIT_FAIL
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
+    "list": _cmd_list,
+    "inspect": _cmd_inspect,
+    "export": _cmd_export,
+    "verify": _cmd_verify,
+    "convert": _cmd_convert,
+    "train": _cmd_train,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 parity failure, 2 bad usage/input)."""
+    out, err = sys.stdout, sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as e:  # argparse: --help/--version exit 0, errors exit 2
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        registries = getattr(args, "registry", None)
+        if registries:
+            from models.registry import load_plugins
+
+            load_plugins([m.strip() for r in registries for m in r.split(",") if m.strip()])
+        return _COMMANDS[args.command](args, out, err)
+    except ExporterError as e:
+        err.write(f"{type(e).__name__}: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.write("interrupted\n")
+        return 130

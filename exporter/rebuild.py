@@ -1,0 +1,571 @@
+"""Rebuild a registered model from canonical state, in torch or flax, and run it.
+
+    raw saved state --prepare_state--> canonical state --torch_module--> torch.nn.Module
+                                                      --flax_variables--> flax variables
+
+``prepare_state`` is the one place where checkpoint keys are cleaned up: common wrapper
+prefixes are stripped, the model's and the user's rename rules applied, non-parameter
+buffers dropped, flax layout converted, and names/shapes/dtypes checked against the model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from exporter import layouts
+from exporter.errors import MissingDependencyError, StateMismatchError, UsageError, format_problems
+
+if TYPE_CHECKING:  # pragma: no cover
+    from models.registry import ModelSpec
+
+__all__ = [
+    "STRIP_PREFIXES",
+    "StateReport",
+    "expected_state",
+    "init_state",
+    "prepare_state",
+    "torch_module",
+    "canonical_from_torch",
+    "flax_variables",
+    "canonical_from_flax",
+    "run_torch",
+    "run_flax",
+]
+
+# Wrapper prefixes found in real checkpoints: DDP, torch.compile, Lightning/HF wrappers.
+STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+Shape = tuple[int, ...]
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"PyTorch is not installed ({e}); install with: pip install 'exporter[torch]'"
+        ) from None
+    return torch
+
+
+def _import_flax() -> tuple[Any, Any]:
+    try:
+        import jax
+        import jax.numpy as jnp
+        import flax  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"JAX/Flax is not installed ({e}); install with: pip install 'exporter[jax]'"
+        ) from None
+    return jax, jnp
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+    import sys
+
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None: import blocked
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _need_build(spec: ModelSpec, framework: str) -> Any:
+    factory = spec.torch_factory if framework == "torch" else spec.flax_factory
+    if framework not in ("torch", "flax"):
+        raise UsageError(f"unknown framework {framework!r}; expected 'torch' or 'flax'")
+    if factory is None or framework not in spec.frameworks:
+        raise UsageError(
+            f"model {spec.name!r} has no {framework} build (it has: {', '.join(spec.frameworks)})"
+        )
+    return factory
+
+
+def _ignored(spec: ModelSpec, name: str) -> bool:
+    return any(re.search(p, name) for p in spec.ignore_keys)
+
+
+# ---------------------------------------------------------------------------------------
+# Expected state
+# ---------------------------------------------------------------------------------------
+
+_EXPECTED_CACHE: dict[tuple[str, int], dict[str, tuple[Shape, str]]] = {}
+
+
+def expected_state(spec: ModelSpec) -> dict[str, tuple[Shape, str]]:
+    """Canonical names the model expects -> ``(shape, dtype)``.
+
+    Built without allocating weights: the torch build on the ``meta`` device when torch is
+    installed (and the model has a torch build), else ``jax.eval_shape`` of the flax init.
+
+    Args:
+        spec: the registry entry.
+
+    Returns:
+        ``{name: (shape, dtype_name)}`` for every canonical name (ignored buffers left out).
+
+    Raises:
+        MissingDependencyError: neither framework is installed.
+    """
+    key = (spec.name, id(spec))
+    if key in _EXPECTED_CACHE:
+        return dict(_EXPECTED_CACHE[key])
+    use_torch = spec.torch_factory is not None and "torch" in spec.frameworks and _has("torch")
+    use_flax = spec.flax_factory is not None and "flax" in spec.frameworks and _has("flax")
+    if use_torch:
+        torch = _import_torch()
+        with torch.device("meta"):
+            module = spec.torch_factory()  # type: ignore[misc]
+        out = {
+            k: (tuple(int(d) for d in v.shape), str(v.dtype).removeprefix("torch."))
+            for k, v in module.state_dict().items()
+            if not _ignored(spec, k)
+        }
+    elif use_flax:
+        jax, _jnp = _import_flax()
+        module = spec.flax_factory()  # type: ignore[misc]
+        inputs = _jax_inputs(spec, spec.example_inputs())
+        abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs, **spec.flax_apply_kwargs))
+        flat = {k: v for k, v in _flatten_abstract(abstract).items() if k.split("/", 1)[0] in layouts.COLLECTIONS}
+        dummies = {k: np.broadcast_to(np.zeros((), dtype=v.dtype), v.shape) for k, v in flat.items()}
+        out = {}
+        for r in spec.layout:
+            if all(f in dummies for f in r.flax_keys()):
+                for c, a in r.from_flax({f: dummies[f] for f in r.flax_keys()}).items():
+                    out[c] = (tuple(int(d) for d in np.shape(a)), str(np.asarray(a).dtype))
+    else:
+        raise MissingDependencyError(
+            f"model {spec.name!r}: neither PyTorch nor JAX/Flax is installed; "
+            "install with: pip install 'exporter[torch]' or pip install 'exporter[jax]'"
+        )
+    _EXPECTED_CACHE[key] = out
+    return dict(out)
+
+
+def _flatten_abstract(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if hasattr(tree, "items") and not hasattr(tree, "shape"):
+        for k, v in tree.items():
+            out.update(_flatten_abstract(v, f"{prefix}/{k}" if prefix else str(k)))
+    else:
+        out[prefix] = tree
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Seeded initial state
+# ---------------------------------------------------------------------------------------
+
+
+def init_state(spec: ModelSpec, seed: int = 0, framework: str = "torch") -> dict[str, np.ndarray]:
+    """A seeded, deterministic canonical state for ``spec``.
+
+    The chosen framework's own initialisers draw the weights; then every parameter that the
+    initialiser leaves constant (norm scales = 1, biases = 0, BatchNorm running mean 0 /
+    var 1) gets seeded noise, so that a swapped or dropped scale, bias or running statistic
+    shows up as a parity failure instead of hiding behind an identity value.
+
+    Args:
+        spec: the registry entry.
+        seed: RNG seed; the same (spec, seed, framework) gives bit-identical arrays.
+        framework: ``"torch"`` or ``"flax"`` (whose initialisers to use).
+
+    Returns:
+        Canonical state (numpy arrays).
+
+    Raises:
+        UsageError: unknown framework or the model has no such build.
+        MissingDependencyError: the framework is not installed.
+    """
+    factory = _need_build(spec, framework)
+    if framework == "torch":
+        torch = _import_torch()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = factory()
+        state = canonical_from_torch(module, spec)
+    else:
+        jax, _jnp = _import_flax()
+        module = factory()
+        inputs = _jax_inputs(spec, spec.example_inputs(seed=seed))
+        variables = module.init(jax.random.PRNGKey(seed), *inputs, **spec.flax_apply_kwargs)
+        state = canonical_from_flax(spec, variables)
+    return _perturb_constants(state, seed)
+
+
+def _perturb_constants(state: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([seed, 0x5EED])
+    out: dict[str, np.ndarray] = {}
+    for name in sorted(state):
+        a = state[name]
+        if a.dtype.kind == "f" and a.size > 0 and np.all(a == a.flat[0]):
+            noise = rng.standard_normal(a.shape)
+            if name.endswith("running_var"):
+                a = rng.uniform(0.5, 1.5, size=a.shape)  # must stay positive
+            elif name.endswith("bias") or name.endswith("running_mean"):
+                a = 0.1 * noise
+            else:  # scales (1.0) and anything else constant
+                a = a + 0.1 * noise
+            a = a.astype(state[name].dtype)
+        out[name] = a
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Saved state -> canonical state
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateReport:
+    """What ``prepare_state`` found.  ``bool(report)`` is True when the state fits the model.
+
+    Attributes:
+        missing: expected names absent from the state (sorted).
+        unexpected: names in the state the model does not have (sorted).
+        mismatched: one line per shape/dtype mismatch, ``"name: got ..., expected ..."`` (sorted).
+        renamed: ``(original key, canonical name)`` for every key whose name changed.
+        dropped: keys dropped as non-parameter buffers (``spec.ignore_keys``), sorted.
+        source: the file the state came from, if known.
+        layout: ``"torch"`` or ``"flax"`` (the layout the state was stored in).
+    """
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[str, ...] = ()
+    renamed: tuple[tuple[str, str], ...] = ()
+    dropped: tuple[str, ...] = ()
+    source: str | None = None
+    layout: str = "torch"
+    model: str = field(default="")
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def lines(self) -> list[str]:
+        """One line per problem, sorted."""
+        out = [f"missing key {k!r}" for k in self.missing]
+        out += [f"unexpected key {k!r}" for k in self.unexpected]
+        out += [f"mismatched {m}" for m in self.mismatched]
+        return sorted(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "source": self.source,
+            "layout": self.layout,
+            "ok": self.ok,
+            "missing": list(self.missing),
+            "unexpected": list(self.unexpected),
+            "mismatched": list(self.mismatched),
+            "renamed": [list(p) for p in self.renamed],
+            "dropped": list(self.dropped),
+        }
+
+    def message(self) -> str:
+        where = f" in {self.source}" if self.source else ""
+        header = (
+            f"state{where} does not fit model {self.model!r}: {len(self.missing)} missing, "
+            f"{len(self.unexpected)} unexpected, {len(self.mismatched)} mismatched. "
+            "Fix: load the checkpoint written for this model, pass rename rules "
+            "(--rename REGEX=REPLACEMENT) for differently named keys, or use non-strict loading"
+        )
+        return format_problems(header, self.lines())
+
+
+def _fmt(shape: Shape, dtype: str) -> str:
+    return f"shape {tuple(shape)} {dtype}"
+
+
+def _compile_renames(rules: Sequence[tuple[str, str]], what: str) -> list[tuple[re.Pattern[str], str]]:
+    out = []
+    for pattern, repl in rules:
+        try:
+            out.append((re.compile(pattern), repl))
+        except re.error as e:
+            raise UsageError(f"{what} rename pattern {pattern!r} is not a valid regular expression: {e}") from None
+    return out
+
+
+def _apply(rules: list[tuple[re.Pattern[str], str]], key: str) -> str:
+    for pat, repl in rules:
+        key = pat.sub(repl, key)
+    return key
+
+
+def prepare_state(
+    spec: ModelSpec,
+    raw: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    rename: Sequence[tuple[str, str]] = (),
+    source: str | None = None,
+) -> tuple[dict[str, np.ndarray], StateReport]:
+    """Turn a loaded state dict (any layout) into canonical state for ``spec``.
+
+    Steps: strip ``module.``/``_orig_mod.``/``model.`` prefixes from keys that only match
+    without them; apply ``spec.key_rules``, then the user's ``rename`` rules (regex,
+    replacement; ``re.sub`` on each key, in order); drop ``spec.ignore_keys``; convert flax
+    layout (detected from the keys) to canonical; check names, shapes and dtypes against
+    ``expected_state(spec)``.
+
+    Args:
+        spec: the registry entry.
+        raw: flat ``{key: array}`` as loaded from a file (torch names, or flax ``params/...``).
+        strict: raise on any problem (default); otherwise return what fits plus the report.
+        rename: user ``(regex, replacement)`` rules.
+        source: the file the state came from, named in messages.
+
+    Returns:
+        ``(canonical_state, report)``; with ``strict=False`` the state holds only the keys
+        that fit the model.
+
+    Raises:
+        StateMismatchError: ``strict`` and any key is missing, unexpected or mismatched;
+            the message lists every problem, sorted, one per line, and names ``source``.
+        UsageError: a rename pattern is not a valid regular expression.
+    """
+    expected = expected_state(spec)
+    model_rules = _compile_renames(spec.key_rules, f"model {spec.name!r}")
+    user_rules = _compile_renames(rename, "user")
+    arrays = {str(k): np.asarray(v) for k, v in raw.items()}
+    flax_layout = layouts.is_flax_layout(arrays)
+    want_flax = layouts.flax_shapes(expected, spec.layout) if flax_layout else {}
+    target = want_flax if flax_layout else expected
+
+    def rewrite(k: str) -> str:
+        return _apply(user_rules, _apply(model_rules, k))
+
+    renamed: list[tuple[str, str]] = []
+    dropped: list[str] = []
+    keyed: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    duplicates: list[str] = []
+    for key in sorted(arrays):
+        name = rewrite(_strip_prefixes(key, lambda k: _plausible(rewrite(k), target)))
+        if flax_layout:
+            name = _add_collection(name, target)
+        if _ignored(spec, name) or _ignored(spec, key):
+            dropped.append(key)
+            continue
+        if name != key:
+            renamed.append((key, name))
+        if name in keyed:
+            duplicates.append(f"{name!r} (from {origin[name]!r} and {key!r})")
+            continue
+        keyed[name] = arrays[key]
+        origin[name] = key
+
+    missing = sorted(set(target) - set(keyed))
+    unexpected = sorted(set(keyed) - set(target))
+    mismatched: list[str] = [f"duplicate key {d}" for d in duplicates]
+    fits: dict[str, np.ndarray] = {}
+    for name in sorted(set(keyed) & set(target)):
+        a = keyed[name]
+        shape, dtype = target[name]
+        if tuple(a.shape) != tuple(shape) or str(a.dtype) != dtype:
+            label = name if origin[name] == name else f"{name} (from {origin[name]!r})"
+            mismatched.append(f"{label}: got {_fmt(a.shape, str(a.dtype))}, expected {_fmt(shape, dtype)}")
+        else:
+            fits[name] = a
+
+    if flax_layout:
+        canonical: dict[str, np.ndarray] = {}
+        for r in spec.layout:
+            if all(f in fits for f in r.flax_keys()):
+                for c, v in r.from_flax({f: fits[f] for f in r.flax_keys()}).items():
+                    canonical[c] = np.ascontiguousarray(v)
+    else:
+        canonical = fits
+
+    report = StateReport(
+        missing=tuple(missing),
+        unexpected=tuple(unexpected),
+        mismatched=tuple(sorted(mismatched)),
+        renamed=tuple(renamed),
+        dropped=tuple(sorted(dropped)),
+        source=source,
+        layout="flax" if flax_layout else "torch",
+        model=spec.name,
+    )
+    if strict and not report.ok:
+        raise StateMismatchError(report.message())
+    return canonical, report
+
+
+def _strip_prefixes(key: str, matches: Any) -> str:
+    """Strip wrapper prefixes (possibly nested: ``module._orig_mod.``) only where ``key`` does
+    not match as it is but does once stripped; the fewest strips win."""
+    if matches(key):
+        return key
+    frontier = [key]
+    while frontier:
+        nxt = [k[len(p) :] for k in frontier for p in STRIP_PREFIXES if k.startswith(p)]
+        for k in nxt:
+            if matches(k):
+                return k
+        frontier = nxt
+    return key
+
+
+def _plausible(name: str, target: Mapping[str, Any]) -> bool:
+    return name in target or f"params/{name}" in target or f"batch_stats/{name}" in target
+
+
+def _add_collection(name: str, target: Mapping[str, Any]) -> str:
+    """A flax key saved without its collection (just the params tree) gets it back."""
+    if name in target or name.split("/", 1)[0] in layouts.COLLECTIONS:
+        return name
+    for c in layouts.COLLECTIONS:
+        if f"{c}/{name}" in target:
+            return f"{c}/{name}"
+    return name
+
+
+# ---------------------------------------------------------------------------------------
+# torch
+# ---------------------------------------------------------------------------------------
+
+
+def torch_module(spec: ModelSpec, canonical: Mapping[str, np.ndarray]) -> Any:
+    """Build the torch module of ``spec`` and load ``canonical`` into it strictly; eval mode.
+
+    Args:
+        spec: the registry entry.
+        canonical: canonical state (e.g. from ``prepare_state`` or ``init_state``).
+
+    Returns:
+        ``torch.nn.Module`` in eval mode with ``requires_grad`` untouched.
+
+    Raises:
+        StateMismatchError: a name is missing/unexpected or a shape/dtype differs.
+        MissingDependencyError: torch is not installed.
+    """
+    torch = _import_torch()
+    factory = _need_build(spec, "torch")
+    with torch.random.fork_rng(devices=[]):  # building must not disturb the caller's RNG
+        module = factory()
+    own = {k: v for k, v in module.state_dict().items() if not _ignored(spec, k)}
+    problems = [f"missing key {k!r}" for k in own if k not in canonical]
+    problems += [f"unexpected key {k!r}" for k in canonical if k not in own]
+    for k in own.keys() & canonical.keys():
+        a, t = np.asarray(canonical[k]), own[k]
+        want = (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        if tuple(a.shape) != want[0] or str(a.dtype) != want[1]:
+            problems.append(f"mismatched {k}: got {_fmt(a.shape, str(a.dtype))}, expected {_fmt(*want)}")
+    if problems:
+        raise StateMismatchError(
+            format_problems(
+                f"state does not fit the torch build of model {spec.name!r}; "
+                "run it through exporter.rebuild.prepare_state first",
+                problems,
+            )
+        )
+    tensors = {k: torch.from_numpy(np.array(canonical[k], copy=True)) for k in own}
+    result = module.load_state_dict(tensors, strict=False)
+    leftover = [k for k in result.missing_keys if not _ignored(spec, k)] + list(result.unexpected_keys)
+    assert not leftover, f"{spec.name}: load_state_dict left {leftover}"
+    module.eval()
+    return module
+
+
+def canonical_from_torch(module: Any, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Canonical state of a torch module: its ``state_dict()`` minus ``spec.ignore_keys``, as numpy copies."""
+    return {
+        k: v.detach().cpu().numpy().copy()
+        for k, v in module.state_dict().items()
+        if not _ignored(spec, k)
+    }
+
+
+def _ordered_inputs(spec: ModelSpec, inputs: Mapping[str, Any]) -> list[Any]:
+    names = [t.name for t in spec.inputs]
+    problems = [f"missing input {n!r}" for n in names if n not in inputs]
+    problems += [f"unexpected input {n!r}" for n in inputs if n not in names]
+    if problems:
+        raise UsageError(format_problems(f"model {spec.name!r} takes inputs {names}", problems))
+    return [inputs[n] for n in names]
+
+
+def _name_outputs(spec: ModelSpec, result: Any) -> list[Any]:
+    if isinstance(result, (tuple, list)):
+        outs = list(result)
+    elif isinstance(result, Mapping):
+        outs = [result[n] for n in spec.outputs]
+    else:
+        outs = [result]
+    assert len(outs) == len(spec.outputs), f"{spec.name}: got {len(outs)} outputs, spec names {spec.outputs}"
+    return outs
+
+
+def run_torch(spec: ModelSpec, module: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the torch module on numpy inputs (in ``spec.inputs`` order) under inference mode.
+
+    Returns:
+        ``{output_name: np.ndarray}`` in ``spec.outputs`` order.
+
+    Raises:
+        UsageError: an input is missing or unexpected.
+    """
+    torch = _import_torch()
+    args = [torch.from_numpy(np.ascontiguousarray(a)) for a in _ordered_inputs(spec, inputs)]
+    with torch.inference_mode():
+        result = module(*args)
+    outs = _name_outputs(spec, result)
+    return {n: o.detach().cpu().numpy().copy() for n, o in zip(spec.outputs, outs)}
+
+
+# ---------------------------------------------------------------------------------------
+# flax
+# ---------------------------------------------------------------------------------------
+
+
+def _jax_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> list[Any]:
+    _jax, jnp = _import_flax()
+    return [jnp.asarray(a) for a in _ordered_inputs(spec, inputs)]
+
+
+def flax_variables(spec: ModelSpec, canonical: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Canonical state -> flax variables ``{"params": ..., "batch_stats": ...}`` of jax arrays.
+
+    Raises:
+        StateMismatchError: a name is missing or not owned by the model's layout.
+        MissingDependencyError: jax/flax is not installed.
+    """
+    jax, jnp = _import_flax()
+    _need_build(spec, "flax")
+    tree = layouts.to_flax(canonical, spec.layout)
+    return jax.tree.map(jnp.asarray, tree)
+
+
+def canonical_from_flax(spec: ModelSpec, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax variables (nested, FrozenDict or flat ``params/...`` keys) -> canonical state (numpy)."""
+    flat = {k: v for k, v in layouts.flatten_flax(variables).items() if k.split("/", 1)[0] in layouts.COLLECTIONS}
+    return layouts.from_flax(flat, spec.layout)
+
+
+def run_flax(spec: ModelSpec, variables: Mapping[str, Any], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Apply the flax build with ``variables`` to numpy inputs (``spec.flax_apply_kwargs`` added).
+
+    Returns:
+        ``{output_name: np.ndarray}`` in ``spec.outputs`` order.
+
+    Raises:
+        UsageError: an input is missing or unexpected.
+    """
+    factory = _need_build(spec, "flax")
+    module = factory()
+    result = module.apply(variables, *_jax_inputs(spec, inputs), **spec.flax_apply_kwargs)
+    outs = _name_outputs(spec, result)
+    return {n: np.asarray(o).copy() for n, o in zip(spec.outputs, outs)}

@@ -1,0 +1,61 @@
+"""``mlp``: the seed's model.  Dense 20 -> 256, ReLU, Dense 256 -> 10.
+
+Canonical keys: ``hidden.weight`` (256, 20), ``hidden.bias`` (256,), ``output.weight``
+(10, 256), ``output.bias`` (10,).  Input ``x`` (batch, 20) float32, output ``y`` (batch, 10).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from exporter.layouts import Dense
+from models.registry import ModelSpec, TensorSpec, register
+
+IN_FEATURES = 20
+HIDDEN = 256
+OUT_FEATURES = 10
+
+
+def build_torch() -> Any:
+    """The torch build (``torch.nn.Module``)."""
+    import torch
+    from torch import nn
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = nn.Linear(IN_FEATURES, HIDDEN)
+            self.output = nn.Linear(HIDDEN, OUT_FEATURES)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.output(torch.relu(self.hidden(x)))
+
+    return MLP()
+
+
+def build_flax() -> Any:
+    """The flax build (``flax.linen.Module``)."""
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            x = nn.Dense(HIDDEN, name="hidden")(x)
+            x = nn.relu(x)
+            return nn.Dense(OUT_FEATURES, name="output")(x)
+
+    return MLP()
+
+
+SPEC = register(
+    ModelSpec(
+        name="mlp",
+        summary="Dense 20->256, ReLU, Dense 256->10 (the seed's model)",
+        inputs=(TensorSpec("x", ("batch", IN_FEATURES), "float32"),),
+        outputs=("y",),
+        layout=(Dense("hidden", "hidden"), Dense("output", "output")),
+        torch_factory=build_torch,
+        flax_factory=build_flax,
+        dims={"batch": 2},
+    )
+)

@@ -1,0 +1,156 @@
+"""onnxruntime adapter: an ``.onnx`` file in an ``InferenceSession`` on the CPU execution provider.
+
+Session tuning, and why:
+
+* ``graph_optimization_level="all"`` (default): parity is checked with the graph rewrites
+  (constant folding, fusions) that a deployment gets by default, so the verdict covers
+  what users actually run.  ``"disable"`` helps to tell an exporter bug from an
+  optimiser one.
+* ``intra_op_threads``: ``None`` keeps onnxruntime's default (one per physical core); set
+  ``1`` on shared CI machines for predictable load.  ``inter_op_num_threads`` is 1 and the
+  execution mode sequential: our graphs are chains, parallel branches buy nothing.
+* Spinning of idle intra-op threads is off: parity runs are short bursts, and spinning
+  threads only take CPU from whatever else runs on the machine.
+
+:meth:`OnnxRuntime.session_options` returns these settings as a dict for the bundle manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from exporter.errors import MissingDependencyError, UsageError
+from runtimes.base import IOSpec, Runtime, onnx_path
+
+__all__ = ["OnnxRuntime", "OPTIMIZATION_LEVELS", "ORT_DTYPES"]
+
+#: Our names of onnxruntime's graph optimisation levels -> ``GraphOptimizationLevel`` members.
+OPTIMIZATION_LEVELS: Mapping[str, str] = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+#: onnxruntime type strings -> numpy dtype names.
+ORT_DTYPES: Mapping[str, str] = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as e:  # a core dependency, but be explicit when it is broken/missing
+        raise MissingDependencyError(
+            "runtime 'onnxruntime' needs the onnxruntime package; install with: pip install onnxruntime"
+        ) from e
+    return onnxruntime
+
+
+class OnnxRuntime(Runtime):
+    """An ONNX model in onnxruntime on the CPU execution provider.
+
+    Args:
+        path: the ``.onnx`` file (external data is read from beside it).
+        intra_op_threads: threads per operator; ``None`` = onnxruntime's default.
+        graph_optimization_level: ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"``.
+
+    Raises:
+        UsageError: missing file, unknown optimisation level, bad thread count, or a file
+            onnxruntime cannot load (its message is included).
+    """
+
+    name: ClassVar[str] = "onnxruntime"
+    artifact_kind: ClassVar[str] = "onnx"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        intra_op_threads: int | None = None,
+        graph_optimization_level: str = "all",
+    ) -> None:
+        self.path = onnx_path(path, self.name)
+        self.source = self.path
+        if graph_optimization_level not in OPTIMIZATION_LEVELS:
+            raise UsageError(
+                f"runtime 'onnxruntime': unknown graph_optimization_level {graph_optimization_level!r}; "
+                f"use one of {', '.join(OPTIMIZATION_LEVELS)}"
+            )
+        if intra_op_threads is not None and (not isinstance(intra_op_threads, int) or intra_op_threads < 1):
+            raise UsageError(
+                f"runtime 'onnxruntime': intra_op_threads must be a positive int or None (default), got {intra_op_threads!r}"
+            )
+        self.intra_op_threads = intra_op_threads
+        self.graph_optimization_level = graph_optimization_level
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[graph_optimization_level])
+        so.intra_op_num_threads = intra_op_threads or 0  # 0 = onnxruntime's default
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3  # errors only; warnings about unused initializers are noise here
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._providers = ["CPUExecutionProvider"]
+        try:
+            self._session = ort.InferenceSession(self.path, sess_options=so, providers=self._providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise UsageError(
+                f"runtime 'onnxruntime': cannot load {self.path!r}: {type(e).__name__}: {e}; "
+                "check that the file is a complete ONNX model (re-export it) and that its opset is supported "
+                f"by onnxruntime {ort.__version__}"
+            ) from e
+        self._actual_providers = list(self._session.get_providers())
+        problems = []
+        inputs = []
+        for i in self._session.get_inputs():
+            dtype = ORT_DTYPES.get(i.type)
+            if dtype is None:
+                problems.append(f"input {i.name!r} has type {i.type}")
+                continue
+            shape = None if i.shape is None else tuple(d if isinstance(d, (int, str)) else None for d in i.shape)
+            inputs.append(IOSpec(i.name, dtype, shape))
+        if problems:
+            raise UsageError(
+                f"runtime 'onnxruntime': {self.path!r} has inputs exporter cannot feed ({'; '.join(problems)}); "
+                "only numeric tensor inputs are supported"
+            )
+        self.inputs = tuple(inputs)
+        self.outputs = tuple(o.name for o in self._session.get_outputs())
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        values = self._session.run(list(self.outputs), inputs)
+        return dict(zip(self.outputs, values, strict=True))
+
+    def session_options(self) -> dict[str, Any]:
+        """The session settings, JSON-serialisable, for the bundle manifest."""
+        ort = _ort()
+        return {
+            "onnxruntime_version": ort.__version__,
+            "providers": list(self._actual_providers),
+            "graph_optimization_level": self.graph_optimization_level,
+            "intra_op_num_threads": self.intra_op_threads or 0,
+            "inter_op_num_threads": 1,
+            "execution_mode": "sequential",
+            "allow_spinning": False,
+        }
+
+    def close(self) -> None:
+        self._session = None  # type: ignore[assignment]

@@ -1,0 +1,299 @@
+"""ONNX export: every registry model from both frameworks passes the sweep; the negative
+control fails; torch, flax and both exports agree (three-way); a batch size baked into a
+Reshape is caught; provenance; opset and external data options."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from exporter import onnx_export
+from exporter.errors import ParityError, UsageError
+from models import registry
+
+MODELS = registry.names()
+PAIRS = [(m, fw) for m in MODELS for fw in registry.get(m).frameworks]
+
+
+def _result(report, model: str, framework: str):
+    for r in report.results:
+        if r.model == model and r.framework == framework:
+            return r
+    raise AssertionError(f"{model} ({framework}) was not exported: {[e.line() for e in report.errors]}")
+
+
+def test_export_all_has_no_errors(exported) -> None:
+    assert not exported.errors, "\n".join(e.line() for e in exported.errors)
+    assert {(r.model, r.framework) for r in exported.results} == set(PAIRS)
+
+
+@pytest.mark.parametrize(("model", "framework"), PAIRS, ids=[f"{m}-{f}" for m, f in PAIRS])
+def test_every_model_exports_and_passes_the_sweep(exported, model: str, framework: str) -> None:
+    r = _result(exported, model, framework)
+    assert r.ok, "\n".join(r.parity.failures())
+    # the sweep really covered every batch size, every output
+    batches = {c.dims.get("batch") for c in r.parity.checks}
+    assert batches == {1, 2, 7, 64}
+    assert set(r.parity.outputs) == set(registry.get(model).outputs)
+    if framework == "torch":
+        assert r.exporter == "torch.onnx.dynamo", f"fell back to TorchScript: {r.fallback_reason}"
+        assert r.fallback_reason is None
+    else:
+        assert r.exporter == "jax2onnx"
+    assert r.opset == onnx_export.DEFAULT_OPSET
+    # dynamic dims carry the spec's names in the ONNX graph
+    m = onnx.load(str(r.path / "model.onnx"), load_external_data=False)
+    spec = registry.get(model)
+    for vi, t in zip(m.graph.input, spec.inputs):
+        assert vi.name == t.name
+        dims = [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+        assert dims == list(t.shape)
+    assert [o.name for o in m.graph.output] == list(spec.outputs)
+
+
+@pytest.mark.parametrize(("model", "framework"), PAIRS, ids=[f"{m}-{f}" for m, f in PAIRS])
+def test_provenance_in_metadata_and_manifest(exported, model: str, framework: str) -> None:
+    r = _result(exported, model, framework)
+    m = onnx.load(str(r.path / "model.onnx"), load_external_data=False)
+    props = {p.key: p.value for p in m.metadata_props}
+    manifest = json.loads((r.path / "manifest.json").read_text())
+    assert props["exporter.model"] == model
+    assert props["exporter.framework"] == framework
+    assert props["exporter.exporter"] == r.exporter == manifest["exporter"]
+    assert props["exporter.checkpoint_sha256"] == manifest["checkpoint"]["sha256"] == r.checkpoint["sha256"]
+    assert props["exporter.opset"] == str(manifest["opset"])
+    versions = json.loads(props["exporter.versions"])
+    for pkg in ("exporter", "torch", "jax", "flax", "onnx", "onnxruntime"):
+        assert versions[pkg], pkg
+        assert manifest["versions"][pkg] == versions[pkg]
+    tol = json.loads(props["exporter.tolerances"])
+    assert set(tol) == set(registry.get(model).outputs)
+    assert manifest["tolerances"]["per_output"] == tol
+    assert manifest["onnx"]["sha256"] == r.onnx_sha256
+    assert manifest["format"] == "exporter-bundle" and manifest["format_version"] == 1
+    assert manifest["created"].endswith("Z")
+
+
+def _perturb_one_weight(onnx_path: Path, delta: float = 1e-3) -> str:
+    """Add ``delta`` to one element of the float initializer closest to the graph output."""
+    from onnx import numpy_helper
+
+    m = onnx.load(str(onnx_path))
+    inits = {t.name: t for t in m.graph.initializer}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    frontier = [o.name for o in m.graph.output]
+    seen: set[str] = set()
+    while frontier:
+        nxt = []
+        candidates = []
+        for name in frontier:
+            node = producers.get(name)
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            for i in node.input:
+                if i in inits and numpy_helper.to_array(inits[i]).dtype.kind == "f" and numpy_helper.to_array(inits[i]).size > 1:
+                    candidates.append(i)
+                else:
+                    nxt.append(i)
+        if candidates:
+            name = min(candidates, key=lambda n: numpy_helper.to_array(inits[n]).ndim)
+            arr = numpy_helper.to_array(inits[name]).copy()
+            arr.flat[0] += delta
+            inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+            onnx.save(m, str(onnx_path))
+            return name
+        frontier = nxt
+    raise AssertionError("no float initializer found")
+
+
+@pytest.mark.parametrize(("model", "framework"), PAIRS, ids=[f"{m}-{f}" for m, f in PAIRS])
+def test_negative_control_perturbed_weight_fails(exported, tmp_path: Path, model: str, framework: str) -> None:
+    import exporter
+    from exporter.bundle import sha256_file
+
+    src = _result(exported, model, framework).path
+    bundle = tmp_path / "bundle"
+    shutil.copytree(src, bundle)
+    assert exporter.verify(bundle)  # the copy passes before the edit
+    _perturb_one_weight(bundle / "model.onnx", 1e-3)
+    # re-hash so that only the numbers can catch the edit
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["onnx"]["sha256"] = sha256_file(bundle / "model.onnx")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    report = exporter.verify(bundle)
+    assert not report
+    assert all(not c.reason for c in report.failed_checks())  # numeric failures, not load errors
+    with pytest.raises(ParityError, match="out of tolerance"):
+        report.raise_for_failure()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_three_way_torch_flax_and_both_exports_agree(exported, model: str) -> None:
+    from exporter import parity, state
+    from runtimes.jax import JaxRuntime
+    from runtimes.onnxruntime import OnnxRuntime
+    from runtimes.torch import TorchRuntime
+
+    spec = registry.get(model)
+    rt, rf = _result(exported, model, "torch"), _result(exported, model, "flax")
+    # one canonical state feeds all four
+    assert rt.checkpoint["sha256"] == rf.checkpoint["sha256"]
+    canonical = state.load_state(rt.path / "state.safetensors")
+    runtimes = {
+        "torch": TorchRuntime(spec, canonical),
+        "jax": JaxRuntime(spec, canonical),
+        "onnx(torch)": OnnxRuntime(rt.path / "model.onnx", intra_op_threads=1),
+        "onnx(flax)": OnnxRuntime(rf.path / "model.onnx", intra_op_threads=1),
+    }
+    tol = parity.tolerance_for(spec)
+    failures = []
+    for dims in parity.sweep_cases(spec, (1, 7)):
+        inputs = spec.example_inputs(dims, seed=3)
+        outs = {name: r.run(inputs) for name, r in runtimes.items()}
+        names = list(outs)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                for c in parity.compare(outs[a], outs[b], tol, case=parity.case_label(dims), dims=dims):
+                    if not c.ok:
+                        failures.append(f"{a} vs {b}: {c.line()}")
+    assert not failures, "\n".join(failures)
+
+
+# --------------------------------------------------------------------------- baked batch
+BAKED_MODULE = '''
+from models.registry import ModelSpec, TensorSpec, register
+from exporter.layouts import Dense
+
+
+def build_torch():
+    import torch
+
+    class Baked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(20, 10)
+
+        def forward(self, x):
+            # int() of a traced size: the TorchScript exporter bakes the export batch (2)
+            # into the Reshape; torch.export refuses it for a dynamic batch.
+            n = int(x.shape[0])
+            return self.lin(x.reshape(n, 20))
+
+    return Baked()
+
+
+SPEC = register(ModelSpec(
+    name="baked", summary="batch baked into a Reshape (test model)",
+    inputs=(TensorSpec("x", ("batch", 4, 5)),), outputs=("y",),
+    layout=(Dense("lin", "lin"),), torch_factory=build_torch, frameworks=("torch",),
+))
+'''
+
+
+@pytest.fixture
+def baked_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A user-registered torch-only model whose export bakes the batch size (module ``baked_models``)."""
+    import sys
+
+    pkg = tmp_path / "plugins"
+    pkg.mkdir()
+    (pkg / "baked_models.py").write_text(BAKED_MODULE)
+    monkeypatch.syspath_prepend(str(pkg))
+    yield "baked_models"
+    registry.unregister("baked")
+    sys.modules.pop("baked_models", None)
+
+
+def test_batch_baked_into_reshape_is_caught_by_the_sweep(baked_model: str, tmp_path: Path) -> None:
+    import exporter
+
+    registry.load_plugins(baked_model)
+    report = exporter.export("baked", out=tmp_path / "out", batch_sizes=(1, 2, 7))
+    (r,) = report.results
+    assert r.exporter == "torch.onnx.torchscript"  # dynamo refused to bake it
+    assert r.fallback_reason
+    assert not report and report.exit_code == 1
+    failing = {c.case for c in r.parity.failed_checks()}
+    assert failing == {"batch=1", "batch=7"}  # the export size (2) alone would have passed
+    assert any("failed to run" in line for line in r.parity.failures())
+    manifest = json.loads((r.path / "manifest.json").read_text())
+    assert manifest["fallback_reason"] == r.fallback_reason
+    assert manifest["parity"]["ok"] is False
+
+
+# --------------------------------------------------------------------------- options
+def test_opset_and_forced_external_data(tmp_path: Path) -> None:
+    import exporter
+
+    report = exporter.export("mlp", framework="torch", out=tmp_path, opset=18, external_data=True, batch_sizes=(1, 3))
+    (r,) = report.results
+    assert r.ok and r.opset == 18 and r.external_data
+    data = r.path / "model.onnx.data"
+    assert data.is_file() and data.stat().st_size >= 4 * (256 * 20 + 10 * 256)
+    assert (r.path / "model.onnx").stat().st_size < 4096  # weights are not inline
+    manifest = json.loads((r.path / "manifest.json").read_text())
+    assert manifest["onnx"]["external_data"]["file"] == "model.onnx.data"
+    assert exporter.verify(r.path)
+    # a changed external data file is an integrity failure
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 1
+    data.write_bytes(bytes(raw))
+    bad = exporter.verify(r.path)
+    assert not bad and any("model.onnx.data" in line for line in bad.failures())
+
+
+def test_external_data_by_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Weights over the threshold (2 GiB in real life) go to model.onnx.data without asking."""
+    import torch
+
+    spec = registry.get("mlp")
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
+    res = onnx_export.export_torch(spec, spec.torch_factory(), tmp_path / "model.onnx")
+    assert res.external_data and (tmp_path / "model.onnx.data").is_file()
+    with pytest.raises(UsageError, match="external data"):
+        onnx_export.export_torch(spec, spec.torch_factory(), tmp_path / "b" / "model.onnx", external_data=False)
+    del torch
+
+
+def test_bad_opset_is_a_usage_error(tmp_path: Path) -> None:
+    import exporter
+
+    with pytest.raises(UsageError, match="opset 7"):
+        exporter.export("mlp", out=tmp_path, opset=7)
+    assert not any(tmp_path.iterdir())
+
+
+def test_torchscript_fallback_is_recorded(tmp_path: Path) -> None:
+    spec = registry.get("mlp")
+    res = onnx_export.export_torch(spec, spec.torch_factory(), tmp_path / "model.onnx", dynamo=False)
+    assert res.exporter == "torch.onnx.torchscript" and res.fallback_reason
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert props["exporter.fallback_reason"] == res.fallback_reason
+    assert res.input_shapes["x"] == ["batch", 20]
+
+
+def test_exporter_chatter_is_captured(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    spec = registry.get("mlp")
+    res = onnx_export.export_torch(spec, spec.torch_factory(), tmp_path / "model.onnx")
+    out, err = capfd.readouterr()
+    assert "[torch.onnx]" not in out + err
+    assert "torch.onnx" in res.log  # kept, not lost
+
+
+def test_flax_int64_inputs_keep_their_dtype(exported) -> None:
+    """JAX narrows int64 to int32 without x64; the ONNX signature still follows the spec."""
+    int_models = [m for m in MODELS if any(t.dtype == "int64" for t in registry.get(m).inputs)]
+    if not int_models:
+        pytest.skip("no registry model has int64 inputs")
+    for model in int_models:
+        m = onnx.load(str(_result(exported, model, "flax").path / "model.onnx"), load_external_data=False)
+        spec = registry.get(model)
+        for vi, t in zip(m.graph.input, spec.inputs):
+            want = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+            assert vi.type.tensor_type.elem_type == want, (model, vi.name)

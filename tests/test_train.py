@@ -1,0 +1,230 @@
+"""exporter.train: deterministic training, auto-resume, bit-exact recovery from SIGKILL.
+
+The crash tests run ``python -m exporter.train`` in subprocesses and make them SIGKILL
+themselves at exact points through the test-only ``EXPORTER_TEST_CRASH_AT`` hook (between
+steps, after k files of a checkpoint write, after the commit rename, in the middle of
+retention), restart until done, and compare the final checkpoint with an uninterrupted run:
+every file (model, optimizer, RNG states, data position) must be byte-identical.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter import checkpoint as C
+from exporter.errors import CheckpointError, UsageError
+from exporter.train import TrainResult, train
+
+pytest.importorskip("safetensors")
+
+
+def _final_hashes(step_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint except the manifest (which holds a timestamp)."""
+    m = json.loads((step_dir / "manifest.json").read_text())
+    return {name: meta["sha256"] for name, meta in m["files"].items()}
+
+
+def _run_cli(ckpt_dir: Path, args: list[str], crash: str | None, tmp_cache: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop(C.CRASH_ENV, None)
+    if crash is not None:
+        env[C.CRASH_ENV] = crash
+    # Share compiled XLA programs between the flax subprocesses (same programs -> same bits; faster).
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_cache)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return subprocess.run(
+        [sys.executable, "-m", "exporter.train", "mlp", "--ckpt-dir", str(ckpt_dir), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _flip_tensor_byte(path: Path, tensor: str) -> None:
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8 : 8 + n])[tensor]["data_offsets"]
+    data[8 + n + (begin + end) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# (crash point, step directories right after the crash)
+TORCH_CRASHES = [
+    ("step:3", ["step-00000002"]),  # between steps: step 3 is lost, 2 is the newest
+    ("write:4:2", ["step-00000002"]),  # two files of step 4 in the temp dir, then killed
+    ("commit:6", ["step-00000002", "step-00000004", "step-00000006"]),  # renamed, retention not run
+    ("prune:8", ["step-00000004", "step-00000006", "step-00000008"]),  # killed after removing step 2
+]
+FLAX_CRASHES = [
+    ("step:3", ["step-00000002"]),
+    ("write:4:1", ["step-00000002"]),
+    ("commit:4", ["step-00000002", "step-00000004"]),
+]
+
+
+@pytest.mark.parametrize(
+    "framework, steps, crashes",
+    [("torch", 10, TORCH_CRASHES), ("flax", 6, FLAX_CRASHES)],
+    ids=["torch", "flax"],
+)
+def test_sigkill_and_resume_is_bit_exact(
+    tmp_path: Path, framework: str, steps: int, crashes: list[tuple[str, list[str]]]
+) -> None:
+    if framework == "torch":
+        pytest.importorskip("torch")
+    else:
+        pytest.importorskip("jax")
+        pytest.importorskip("optax")
+    args = ["--steps", str(steps), "--every", "2", "--keep", "2", "--framework", framework, "--seed", "3"]
+    cache = tmp_path / "xla-cache"
+    crashed = tmp_path / "crashed"
+    for point, expected in crashes:
+        proc = _run_cli(crashed, args, point, cache)
+        assert proc.returncode == -signal.SIGKILL, f"{point}: rc {proc.returncode}\n{proc.stderr[-3000:]}"
+        assert [p.name for p in C.step_dirs(crashed)] == expected, point
+    leftovers = [p.name for p in crashed.iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers, "the mid-write / mid-prune crashes must leave temp directories behind"
+
+    # Damage the newest checkpoint too: the restart must report it on stderr and use the one before.
+    newest = C.step_dirs(crashed)[-1]
+    _flip_tensor_byte(newest / "model.safetensors", "hidden.weight")
+    proc = _run_cli(crashed, args, None, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipping corrupt or partial checkpoint {newest}" in proc.stderr
+    assert "tensor 'hidden.weight' sha256 mismatch" in proc.stderr
+    assert "removed leftover" in proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["ok"] and result["final_step"] == steps
+    assert not [p for p in crashed.iterdir() if p.name.startswith(".tmp-")]
+    assert (crashed / f"{newest.name}.corrupt").is_dir()  # moved aside, not deleted
+    assert [p.name for p in C.step_dirs(crashed)] == [f"step-{steps - 2:08d}", f"step-{steps:08d}"]
+
+    # The uninterrupted reference, in this process through the Python API.
+    ref_dir = tmp_path / "reference"
+    ref = train("mlp", ref_dir, steps, every=2, keep=2, framework=framework, seed=3)
+    assert ref.params_sha256 == result["params_sha256"]
+    final = f"step-{steps:08d}"
+    assert _final_hashes(crashed / final) == _final_hashes(ref_dir / final)
+    a, b = C.load_model_state(crashed), C.load_model_state(ref_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
+
+
+@pytest.mark.parametrize("framework", ["torch", "flax"])
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_in_process_resume_is_bit_exact(tmp_path: Path, model: str, framework: str) -> None:
+    pytest.importorskip("torch" if framework == "torch" else "optax")
+    whole = train(model, tmp_path / "whole", 3, every=1, keep=1, framework=framework, batch_size=4, dataset_size=8)
+    first = train(model, tmp_path / "parts", 2, every=2, keep=1, framework=framework, batch_size=4, dataset_size=8)
+    second = train(model, tmp_path / "parts", 3, every=2, keep=1, framework=framework, batch_size=4, dataset_size=8)
+    assert (first.start_step, first.final_step) == (0, 2)
+    assert second.start_step == 2 and second.resumed_from.endswith("step-00000002")
+    assert second.params_sha256 == whole.params_sha256
+    assert _final_hashes(tmp_path / "parts" / "step-00000003") == _final_hashes(tmp_path / "whole" / "step-00000003")
+    # the model part is canonical (torch names) for both frameworks, ready for export
+    from exporter import rebuild
+    from models import registry
+
+    spec = registry.get(model)
+    state, report = rebuild.prepare_state(spec, C.load_model_state(tmp_path / "parts"), source="ckpt")
+    assert report.ok and report.layout == "torch"
+    assert C.state_sha256(state) == second.params_sha256
+
+
+def test_result_and_nothing_to_do(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    r = train("mlp", tmp_path, 2, every=5, keep=1)
+    assert isinstance(r, TrainResult) and r and r.final_step == 2
+    assert [Path(p).name for p in r.checkpoints] == ["step-00000002"]  # the last step is always saved
+    d = r.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["ok"] and d["config"]["seed"] == 0 and d["checkpoint"].endswith("step-00000002")
+    again = train("mlp", tmp_path, 1, every=5, keep=1)
+    assert again.start_step == 2 and again.final_step == 2 and again.params_sha256 == r.params_sha256
+
+
+def test_resume_picks_newest_valid_and_warns(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    train("mlp", tmp_path, 4, every=2, keep=3)
+    (tmp_path / "step-00000004" / "manifest.json").unlink()  # partial newest
+    with pytest.warns(C.CheckpointWarning, match=r"step-00000004: manifest\.json is missing.*resuming from step-00000002"):
+        r = train("mlp", tmp_path, 4, every=2, keep=3)
+    assert r.start_step == 2 and len(r.skipped) == 1
+    assert (tmp_path / "step-00000004.corrupt").is_dir()
+    ref = train("mlp", tmp_path / "ref", 4, every=2, keep=3)
+    assert r.params_sha256 == ref.params_sha256
+
+
+def test_directory_of_another_model(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    train("mlp", tmp_path, 1, every=1, keep=1)
+    with pytest.raises(CheckpointError, match=r"checkpoints of model 'mlp'.*not of model 'cnn'"):
+        train("cnn", tmp_path, 2, every=1, keep=1)
+    with pytest.raises(CheckpointError, match=r"torch training run of 'mlp'.*--framework flax"):
+        train("mlp", tmp_path, 2, every=1, keep=1, framework="flax")
+    with pytest.raises(CheckpointError, match=r"seed: checkpoint has 0, now 1"):
+        train("mlp", tmp_path, 2, every=1, keep=1, seed=1)
+    assert [p.name for p in C.step_dirs(tmp_path)] == ["step-00000001"]  # nothing touched
+
+
+def test_architecture_changed_under_the_same_name(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    m = C.load_model_state  # a checkpoint whose model part does not fit the current mlp
+    C.save_checkpoint(
+        tmp_path,
+        1,
+        model="mlp",
+        framework="torch",
+        tensors={"model": {"hidden.weight": np.zeros((3, 20), np.float32)}},
+        state={"config": {"seed": 0, "batch_size": 8, "dataset_size": 64, "lr": 1e-3, "gamma": 0.999, "weight_decay": 0.01}},
+    )
+    assert set(m(tmp_path)) == {"hidden.weight"}
+    with pytest.raises(CheckpointError, match=r"does not fit(.|\n)*hidden\.weight: checkpoint has float32\[3, 20\](.|\n)*missing key 'output\.bias'"):
+        train("mlp", tmp_path, 2)
+
+
+def test_full_disk_keeps_previous_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    import shutil
+
+    train("mlp", tmp_path, 2, every=2, keep=1)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type(real(p))(1 << 30, (1 << 30) - 10, 10))
+    with pytest.raises(CheckpointError, match=r"not enough free space(.|\n)*step-00000002 is intact"):
+        train("mlp", tmp_path, 4, every=2, keep=1)
+    monkeypatch.undo()
+    assert [p.name for p in C.step_dirs(tmp_path)] == ["step-00000002"]
+    r = train("mlp", tmp_path, 4, every=2, keep=1)
+    assert r.start_step == 2 and r.params_sha256 == train("mlp", tmp_path / "ref", 4, every=2, keep=1).params_sha256
+
+
+def test_lock_refuses_a_second_run(tmp_path: Path) -> None:
+    with C._dir_lock(tmp_path):
+        with pytest.raises(CheckpointError, match="another training run is using"):
+            train("mlp", tmp_path, 1)
+
+
+def test_usage_errors_listed_together(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"(?s)every must be.*framework must be.*keep must be"):
+        train("mlp", tmp_path, 1, every=0, keep=0, framework="tf")
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_usage_error_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from exporter.train import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["mlp", "--ckpt-dir", str(tmp_path), "--steps", "1", "--keep", "0"]) == 2
+    assert "UsageError: invalid training arguments" in capsys.readouterr().err
