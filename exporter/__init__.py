@@ -17,8 +17,6 @@ torch, jax nor onnxruntime.
 from __future__ import annotations
 
 import importlib
-import sys
-from types import ModuleType
 from typing import Any
 
 from exporter.errors import (
@@ -43,7 +41,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "export": ("exporter.api", "export"),
     "verify": ("exporter.api", "verify"),
     "convert": ("exporter.api", "convert"),
-    "train": ("exporter.train", None),
+    "train": ("exporter.api", "train"),
     "ExportReport": ("exporter.api", "ExportReport"),
     "ConvertReport": ("exporter.api", "ConvertReport"),
     "ModelInfo": ("exporter.api", "ModelInfo"),
@@ -70,28 +68,6 @@ __all__ = [
     "ExportError",
     "ParityError",
 ]
-
-
-class _CallableModule(ModuleType):
-    """``exporter.train`` is both helper D's module and the API's ``train(...)`` operation:
-    calling the module calls its ``train`` function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.train(*args, **kwargs)
-
-
-class _Package(ModuleType):
-    # The import system binds a submodule on its package with setattr() when it is first
-    # imported; make exporter.train callable at that moment, whoever imports it first.
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "train" and type(value) is ModuleType:
-            value.__class__ = _CallableModule
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-if isinstance(sys.modules.get(__name__ + ".train"), ModuleType):  # pragma: no cover - reload
-    setattr(sys.modules[__name__], "train", sys.modules[__name__ + ".train"])
 
 
 def __getattr__(name: str) -> Any:

@@ -260,10 +260,36 @@ def _load_checkpoint(spec: ModelSpec, checkpoint: str | os.PathLike[str]) -> tup
     from exporter import rebuild, state
 
     path = Path(checkpoint)
-    raw = state.load_state(path)
+    fmt = state.sniff(path)
+    if fmt == "exporter-checkpoint":
+        # A training checkpoint directory: use (and record the hash of) the one step whose
+        # model part is exported -- the newest valid one -- and check it was trained for
+        # this model.
+        from exporter import checkpoint as ckpt
+
+        used = ckpt.model_checkpoint(path, model=spec.name)
+        path, raw = Path(used.path), dict(used.group("model"))
+    else:
+        raw = state.load_state(path)
     canonical, _ = rebuild.prepare_state(spec, raw, strict=True, source=str(path))
-    info = {"path": str(path.resolve()), "format": state.sniff(path), "sha256": state.sha256_path(path)}
+    info = {"path": str(path.resolve()), "format": fmt, "sha256": state.sha256_path(path)}
     return canonical, info
+
+
+def _sweep_dims(
+    spec: ModelSpec, dims: Mapping[str, int | Sequence[int]] | None, *, several: bool
+) -> Mapping[str, int | Sequence[int]] | None:
+    """The non-batch dims to sweep for ``spec``: the user's, else the model's ``sweep_dims``.
+
+    With several models, a user dim applies to the models that have it (``--all --dims
+    seq=8`` sweeps seq where there is one); with one model an unknown dim is an error.
+    """
+    if dims is None:
+        return dict(spec.sweep_dims) or None
+    if several:
+        have = spec.dynamic_dims()
+        return {d: v for d, v in dims.items() if d in have} or None
+    return dims
 
 
 def export(
@@ -275,6 +301,7 @@ def export(
     out: str | os.PathLike[str] = DEFAULT_OUT,
     opset: int | None = None,
     batch_sizes: Sequence[int] | None = None,
+    dims: Mapping[str, int | Sequence[int]] | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     inputs: str | os.PathLike[str] | None = None,
@@ -302,6 +329,8 @@ def export(
         out: output root; bundles go to ``out/<model>/<framework>``.
         opset: ONNX opset (default ``exporter.onnx_export.DEFAULT_OPSET``, 20).
         batch_sizes: batch sizes of the parity sweep (default 1, 2, 7, 64).
+        dims: sizes of other dynamic dims to cross with the batch sizes
+            (``{"seq": (1, 16, 64)}``); default: each model's ``sweep_dims``.
         atol, rtol: tolerance overrides (default: the model's, dtype-aware).
         inputs: an ``.npz`` of user inputs, checked as one more case.
         seed: seed of the initial state and the sweep's inputs.
@@ -329,7 +358,7 @@ def export(
         raise UsageError(f"unknown framework {framework!r}; choose torch, flax or all")
     targets: list[tuple[ModelSpec, list[str]]] = []
     for spec in specs:
-        parity.sweep_cases(spec, sizes)
+        parity.sweep_cases(spec, sizes, _sweep_dims(spec, dims, several=len(specs) > 1))
         if inputs is not None:
             parity.load_inputs(inputs, spec)
         if len(specs) == 1:
@@ -379,6 +408,7 @@ def export(
                     initial_state=seeded,
                     opset=opset,
                     batch_sizes=sizes,
+                    extra_dims=_sweep_dims(spec, dims, several=len(specs) > 1),
                     atol=atol,
                     rtol=rtol,
                     inputs=inputs,
@@ -522,7 +552,8 @@ def convert(
             arrays = dict(canonical)
             layout = "torch"
     to_safetensors = format == "safetensors" or (format is None and dst_p.suffix == ".safetensors")
-    metadata = {"converted_from": src_p.name, "layout": layout, **({"model": model} if model else {})}
+    # one key: safetensors orders several metadata keys differently from run to run
+    metadata = {"exporter": json.dumps({"converted_from": src_p.name, "layout": layout, "model": model}, sort_keys=True)}
     written = state.save_state(arrays, dst_p, format=format, metadata=metadata if to_safetensors else None)
     info = state.inspect_state(written)
     return ConvertReport(
@@ -540,18 +571,18 @@ def convert(
 
 # --------------------------------------------------------------------------- train
 def train(model: str, ckpt_dir: str | os.PathLike[str], steps: int, **kwargs: Any) -> Any:
-    """Train a registry model with crash-safe checkpoints and auto-resume (``exporter.train.train``).
+    """Train a registry model with crash-safe checkpoints and auto-resume (``exporter.training.train``).
 
     Args:
         model: registry name.
         ckpt_dir: checkpoint directory (resumed from when it holds a run).
         steps: total steps.
         **kwargs: ``every``, ``keep``, ``keep_every``, ``framework``, ``seed``, ... (see
-            ``exporter.train.train``).
+            ``exporter.training.train``).
 
     Returns:
         The ``TrainResult``.
     """
-    from exporter.train import train as _train
+    from exporter.training import train as _train
 
     return _train(model, ckpt_dir, steps, **kwargs)

@@ -30,6 +30,13 @@ __all__ = [
 TMP_PREFIX = ".tmp-"
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; restore at once.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """fsync a directory so that a rename inside it is durable (no-op where unsupported)."""
     try:
@@ -66,6 +73,8 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
     try:
+        # mkstemp creates 0600; published files get the usual 0666 & ~umask like open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
@@ -103,6 +112,7 @@ def atomic_dir(path: str | os.PathLike[str], *, replace: bool = True) -> Iterato
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; publish like mkdir would
         yield tmp
         fsync_tree(tmp)
         if final.exists():

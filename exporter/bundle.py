@@ -80,6 +80,12 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def _state_metadata(model: str, seed: int) -> dict[str, str]:
+    # One key only: safetensors writes __metadata__ from a Rust HashMap, so with several keys
+    # their order (and the file's sha256) changes from run to run.
+    return {"exporter": json.dumps({"model": model, "seed": seed}, sort_keys=True)}
+
+
 # --------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class BundleResult:
@@ -96,6 +102,7 @@ class BundleResult:
         checkpoint: path/format/sha256 of the state the model was rebuilt from.
         parity: the sweep's ParityReport (onnxruntime vs the original framework).
         seconds: wall time per phase (state, export, parity, total).
+        warnings: export warnings (e.g. a dynamic dim fixed by the exporter).
     """
 
     model: str
@@ -109,6 +116,7 @@ class BundleResult:
     checkpoint: dict[str, Any]
     parity: ParityReport
     seconds: dict[str, float] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -127,8 +135,9 @@ class BundleResult:
         )
 
     def table(self) -> str:
-        """The headline and the parity table."""
-        return self.headline() + "\n" + self.parity.table()
+        """The headline, export warnings and the parity table."""
+        warn = "".join(f"\n  warning: {w}" for w in self.warnings)
+        return self.headline() + warn + "\n" + self.parity.table()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +152,7 @@ class BundleResult:
             "external_data": self.external_data,
             "checkpoint": dict(self.checkpoint),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "warnings": list(self.warnings),
             "parity": self.parity.to_dict(),
         }
 
@@ -332,7 +342,8 @@ def build(
             of one model share one state.
         opset: ONNX opset (default ``onnx_export.DEFAULT_OPSET``).
         batch_sizes: sweep batch sizes (default 1, 2, 7, 64).
-        extra_dims: sizes of other dynamic dims to sweep (``{"seq": (8, 17)}``).
+        extra_dims: sizes of other dynamic dims to sweep (``{"seq": (8, 17)}``); default
+            ``spec.sweep_dims``.
         atol, rtol: tolerance overrides.
         inputs: user inputs (``.npz`` path or dict) run as one more case.
         seed: seed of the initial state and of the sweep's inputs.
@@ -353,6 +364,8 @@ def build(
         raise UsageError(f"model {spec.name!r} has no {framework} build (it has: {', '.join(spec.frameworks)})")
     # Validate cheap things before any heavy work.
     tol = parity.tolerance_for(spec, atol=atol, rtol=rtol)
+    if extra_dims is None:
+        extra_dims = dict(spec.sweep_dims) or None
     cases = parity.sweep_cases(spec, parity.DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes, extra_dims)
     final = Path(bundle_dir)
     t0 = time.perf_counter()
@@ -362,7 +375,7 @@ def build(
         if canonical is None:
             seeded = dict(initial_state) if initial_state is not None else rebuild.init_state(spec, seed=seed, framework=framework)
             state_path = tmp / STATE_FILE
-            state_io.save_state(seeded, state_path, metadata={"model": spec.name, "seed": str(seed), "framework": framework})
+            state_io.save_state(seeded, state_path, metadata=_state_metadata(spec.name, seed))
             canonical, _ = rebuild.prepare_state(spec, state_io.load_state(state_path), strict=True, source=str(final / STATE_FILE))
             ckpt = {"path": STATE_FILE, "format": "safetensors", "sha256": sha256_file(state_path), "seeded": True, "seed": seed}
         else:
@@ -441,6 +454,7 @@ def build(
             "summary": spec.summary,
             "exporter": exported.exporter,
             "fallback_reason": exported.fallback_reason,
+            "export_warnings": list(exported.warnings),
             "opset": exported.opset,
             "onnx": onnx_info,
             "weights_bytes": exported.weights_bytes,
@@ -483,6 +497,7 @@ def build(
         checkpoint=ckpt,
         parity=report,
         seconds=seconds,
+        warnings=exported.warnings,
     )
 
 

@@ -21,8 +21,10 @@ Durability: a step directory is built under a ``.tmp-`` name beside its final na
 file is fsynced, the directory is renamed to ``step-NNNNNNNN`` and the parent fsynced
 (:func:`exporter.atomic.atomic_dir`).  So a step directory is either complete or absent;
 a crash leaves at most a ``.tmp-`` directory.  Free space is checked before anything is
-written; running out mid-write (ENOSPC) removes the partial directory.  Either way the
-previous checkpoint is untouched.  Retention (keep the last N, and optionally every K-th
+written (when short, checkpoints that retention would drop after this write anyway are
+removed first, never the newest one, and only if the newest one verifies); running out
+mid-write (ENOSPC) removes the partial directory.  Either way the previous checkpoint is
+untouched.  Retention (keep the last N, and optionally every K-th
 step) runs only after the new checkpoint is committed and never removes it.
 
 A checkpoint is *valid* when its manifest parses, its self-hash matches, and every file and
@@ -40,8 +42,8 @@ structures (torch optimizer/scheduler state dicts, RNG states) go through
 Test-only hook: the environment variable ``EXPORTER_TEST_CRASH_AT`` makes the process
 SIGKILL itself at a named point, so tests can prove crash safety.  Points are
 ``write:<step>:<k>`` (after ``k`` files of step ``<step>`` are in the temp directory),
-``commit:<step>`` (after the rename, before retention), ``prune:<step>`` (after the first
-retention removal) and, in :mod:`exporter.train`, ``step:<n>`` (after training step ``n``,
+``commit:<step>`` (after the rename, before retention), ``prune:<step>`` (during the first
+retention removal: renamed to a ``.tmp-`` name, not yet deleted) and, in :mod:`exporter.training`, ``step:<n>`` (after training step ``n``,
 before its checkpoint).  Never set it outside tests.
 """
 
@@ -92,6 +94,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_model_state",
+    "model_checkpoint",
     "prune",
     "clean",
     "state_sha256",
@@ -101,6 +104,7 @@ __all__ = [
     "restore_pytree",
     "capture_rng",
     "restore_rng",
+    "lock_dir",
 ]
 
 CHECKPOINT_FORMAT = "exporter-checkpoint"
@@ -112,8 +116,9 @@ CRASH_ENV = "EXPORTER_TEST_CRASH_AT"
 
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _GROUP_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-# Slack on top of the exact byte count: filesystem blocks, directory entries, metadata.
-_SPACE_SLACK = 1 << 20
+# Slack on top of the exact byte count: a partly filled block per file, directory entries.
+_SPACE_SLACK = 64 << 10
+_BLOCK = 4096
 
 
 class CheckpointWarning(UserWarning):
@@ -314,7 +319,9 @@ def save_checkpoint(
             clean[name] = a
             entries[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "sha256": _tensor_sha256(a)}
         fname = f"{group}.safetensors"
-        files[fname] = st_save(clean, metadata={"format": CHECKPOINT_FORMAT, "group": group})
+        # One metadata key only: safetensors writes metadata in hash-map order, and a
+        # single key keeps the bytes (and so the file hashes) reproducible across runs.
+        files[fname] = st_save(clean, metadata={"format": CHECKPOINT_FORMAT})
         tensor_index[fname] = entries
     try:
         files[STATE_JSON] = json.dumps(state, indent=1, allow_nan=False).encode()
@@ -346,8 +353,11 @@ def save_checkpoint(
         )
 
     root.mkdir(parents=True, exist_ok=True)
-    need = sum(len(b) for b in files.values()) + len(manifest_bytes) + _SPACE_SLACK
+    need = sum(len(b) for b in files.values()) + len(manifest_bytes) + _BLOCK * (len(files) + 2) + _SPACE_SLACK
     free = shutil.disk_usage(root).free
+    if free < need and keep is not None:
+        _make_room(root, step, keep, keep_every, need)
+        free = shutil.disk_usage(root).free
     if free < need:
         raise CheckpointError(
             f"not enough free space in {root} for checkpoint step {step}: need about {_fmt_bytes(need)}, "
@@ -377,6 +387,42 @@ def save_checkpoint(
     if keep is not None:
         prune(root, keep=keep, keep_every=keep_every, protect=final, _crash_tag=str(step))
     return final
+
+
+def _remove_step(root: Path, p: Path, crash: str | None = None) -> None:
+    # Rename first: a crash mid-removal leaves a .tmp- name (cleaned later), never a
+    # half-deleted step-* directory that would look like a damaged checkpoint.
+    doomed = root / f"{atomic.TMP_PREFIX}del-{p.name}.{uuid.uuid4().hex[:8]}"
+    os.replace(p, doomed)
+    atomic.fsync_dir(root)
+    if crash is not None:
+        _crash_point(crash)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _make_room(root: Path, step: int, keep: int, keep_every: int | None, need: int) -> list[Path]:
+    """Short of space: remove now, oldest first, what retention would remove once ``step`` is committed.
+
+    The newest committed checkpoint is never touched, and nothing is removed unless it
+    verifies (so the last valid checkpoint survives a failed write).
+    """
+    committed = [p for p in step_dirs(root) if (p / MANIFEST).is_file()]
+    if not committed or verify_checkpoint(committed[-1]):
+        return []
+    steps_after = sorted([_step_of(p) or 0 for p in committed] + [step])
+    kept = set(steps_after[-keep:]) | {step}
+    if keep_every:
+        kept |= {s for s in steps_after if s % keep_every == 0}
+    removed = []
+    for p in committed[:-1]:
+        s = _step_of(p) or 0
+        if s in kept or s >= max(kept):
+            continue
+        _remove_step(root, p)
+        removed.append(p)
+        if shutil.disk_usage(root).free >= need:
+            break
+    return removed
 
 
 def prune(
@@ -419,13 +465,8 @@ def prune(
     for p in dirs:
         if p in keep_set or (_step_of(p) or 0) >= newest_kept:
             continue
-        doomed = root / f"{atomic.TMP_PREFIX}del-{p.name}.{uuid.uuid4().hex[:8]}"
-        os.replace(p, doomed)
-        atomic.fsync_dir(root)
+        _remove_step(root, p, f"prune:{_crash_tag}" if _crash_tag is not None and not removed else None)
         removed.append(p)
-        if _crash_tag is not None and len(removed) == 1:
-            _crash_point(f"prune:{_crash_tag}")
-        shutil.rmtree(doomed, ignore_errors=True)
     return removed
 
 
@@ -695,8 +736,8 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     return bool(step_dirs(p))
 
 
-def load_model_state(path: str | os.PathLike[str], *, model: str | None = None) -> dict[str, np.ndarray]:
-    """The canonical model state (torch-style dotted names) of a training checkpoint.
+def model_checkpoint(path: str | os.PathLike[str], *, model: str | None = None) -> Checkpoint:
+    """The checkpoint step whose model part an export of ``path`` uses (model group loaded).
 
     Args:
         path: a checkpoint directory (its newest valid step is used; newer damaged ones
@@ -705,7 +746,8 @@ def load_model_state(path: str | os.PathLike[str], *, model: str | None = None) 
         model: if given, the registry name the checkpoint must have been trained for.
 
     Returns:
-        name -> array, for both torch and flax runs (flax runs are stored canonically).
+        The :class:`Checkpoint` (``.path`` is the step directory; ``.group("model")`` the
+        canonical state, for both torch and flax runs).
 
     Raises:
         CheckpointCorruptError: the step directory (or every step directory) is damaged.
@@ -730,7 +772,23 @@ def load_model_state(path: str | os.PathLike[str], *, model: str | None = None) 
             f"checkpoint {ckpt.path} was trained for model {ckpt.model!r}, not {model!r}; "
             f"export it as {ckpt.model!r} or pass a checkpoint of {model!r}"
         )
-    return dict(ckpt.group("model"))
+    return ckpt
+
+
+def load_model_state(path: str | os.PathLike[str], *, model: str | None = None) -> dict[str, np.ndarray]:
+    """The canonical model state (torch-style dotted names) of a training checkpoint.
+
+    Args:
+        path: a checkpoint directory (newest valid step) or one step directory.
+        model: if given, the registry name the checkpoint must have been trained for.
+
+    Returns:
+        name -> array, for both torch and flax runs (flax runs are stored canonically).
+
+    Raises:
+        As :func:`model_checkpoint`.
+    """
+    return dict(model_checkpoint(path, model=model).group("model"))
 
 
 # --------------------------------------------------------------------------------------
@@ -1014,8 +1072,13 @@ def restore_rng(
 
 
 @contextlib.contextmanager
-def _dir_lock(ckpt_dir: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``ckpt_dir`` (released when the process dies)."""
+def lock_dir(ckpt_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``train.lock``) on ``ckpt_dir``; released when the process dies.
+
+    Raises:
+        CheckpointError: another process holds it.
+    """
+    ckpt_dir = Path(ckpt_dir)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX

@@ -44,6 +44,16 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _dim_sizes(text: str) -> dict[str, list[int]]:
+    name, sep, sizes = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected DIM=LIST like seq=1,16,64, got {text!r}")
+    try:
+        return {name.strip(): _batch_sizes(sizes)}
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected DIM=LIST of positive integers like seq=1,16,64, got {text!r}") from None
+
+
 def _nonneg_float(text: str) -> float:
     try:
         x = float(text)
@@ -99,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", metavar="DIR", help="output root; bundles go to DIR/<model>/<framework> (default: out)")
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: 20)")
     p.add_argument("--batch-sizes", type=_batch_sizes, metavar="LIST", help="parity sweep batch sizes (default: 1,2,7,64)")
+    p.add_argument(
+        "--dims",
+        type=_dim_sizes,
+        action="append",
+        metavar="DIM=LIST",
+        help="sizes of another dynamic dim crossed with the batch sizes, e.g. seq=1,16,64 "
+        "(repeatable; default: the model's sweep dims)",
+    )
     p.add_argument("--atol", type=_nonneg_float, metavar="X", help="absolute tolerance (default: the model's, by dtype)")
     p.add_argument("--rtol", type=_nonneg_float, metavar="Y", help="relative tolerance (default: the model's, by dtype)")
     p.add_argument("--inputs", metavar="FILE.npz", help="user inputs (one array per model input) checked as one more case")
@@ -134,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-every", type=_positive_int, metavar="M", help="also keep every checkpoint whose step is a multiple of M")
     p.add_argument("--framework", choices=("torch", "flax"), default="torch", help="default: torch")
     p.add_argument("--seed", type=int, default=0, help="default: 0")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="synthetic-data batch size (default: 8)")
+    p.add_argument("--dataset-size", type=_positive_int, default=64, metavar="N", help="synthetic dataset size (default: 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     p.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -186,6 +207,7 @@ def _cmd_export(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out=args.out,
         opset=args.opset,
         batch_sizes=args.batch_sizes,
+        dims=dict(kv for d in args.dims for kv in d.items()) if args.dims else None,
         atol=args.atol,
         rtol=args.rtol,
         inputs=args.inputs,
@@ -237,16 +259,37 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _cmd_train(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from exporter import api
 
-    result = api.train(
-        args.model,
-        args.ckpt_dir,
-        args.steps,
-        every=args.every,
-        keep=args.keep,
-        keep_every=args.keep_every,
-        framework=args.framework,
-        seed=args.seed,
-    )
+    # Resume decisions ("resuming from ...", "removed leftover ...") and every skipped
+    # corrupt checkpoint must be visible to whoever restarts a crashed run.
+    import logging
+    import warnings
+
+    from exporter.checkpoint import CheckpointWarning
+
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("exporter")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", CheckpointWarning)
+            warnings.showwarning = lambda m, c, f, l, file=None, line=None: err.write(f"{c.__name__}: {m}\n")
+            result = api.train(
+                args.model,
+                args.ckpt_dir,
+                args.steps,
+                every=args.every,
+                keep=args.keep,
+                keep_every=args.keep_every,
+                framework=args.framework,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                dataset_size=args.dataset_size,
+                lr=args.lr,
+            )
+    finally:
+        logger.removeHandler(handler)
     d = result.to_dict()
     if args.json:
         _print_json(d, out)

@@ -91,6 +91,8 @@ class OnnxExport:
         weights_bytes: total bytes of the initializers.
         inputs / outputs: graph input / output names (spec order).
         input_shapes: ONNX input shapes (dim names for dynamic dims).
+        warnings: problems the export did not fail on but the sweep will likely catch
+            (e.g. a dynamic dim the exporter specialised to its example size).
         seconds: wall time of the export.
         log: captured exporter chatter (prints, warnings, log records).
     """
@@ -104,6 +106,7 @@ class OnnxExport:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     input_shapes: dict[str, list[int | str | None]] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
     seconds: float = 0.0
     log: str = ""
 
@@ -126,6 +129,7 @@ class OnnxExport:
             "inputs": list(self.inputs),
             "outputs": list(self.outputs),
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "warnings": list(self.warnings),
             "seconds": round(self.seconds, 3),
         }
 
@@ -546,6 +550,16 @@ def _finish(
             else:
                 dims.append(getattr(d, "value", None))
         shapes[v.name] = dims
+    warnings = []
+    for t in spec.inputs:
+        got = shapes.get(t.name, [])
+        for axis, want in enumerate(t.shape):
+            if isinstance(want, str) and axis < len(got) and isinstance(got[axis], int):
+                warnings.append(
+                    f"input {t.name!r} dim {axis} ({want!r}) was fixed to {got[axis]} by {exporter_used}: the model's "
+                    f"code ties it to the example size (e.g. int(x.shape[{axis}]) or a hard-coded reshape); "
+                    "other sizes will fail"
+                )
     return OnnxExport(
         path=path,
         exporter=exporter_used,
@@ -556,6 +570,7 @@ def _finish(
         inputs=in_names,
         outputs=out_names,
         input_shapes=shapes,
+        warnings=tuple(warnings),
     )
 
 

@@ -438,12 +438,27 @@ def _add_collection(name: str, target: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def torch_module(spec: ModelSpec, canonical: Mapping[str, np.ndarray]) -> Any:
+def torch_module(spec: ModelSpec, canonical: Mapping[str, np.ndarray], *, copy: bool = False) -> Any:
     """Build the torch module of ``spec`` and load ``canonical`` into it strictly; eval mode.
 
     Args:
         spec: the registry entry.
         canonical: canonical state (e.g. from ``prepare_state`` or ``init_state``).
+
+    Without ``copy``, the module's parameters and buffers share memory with the arrays of
+    ``canonical`` where they can (writeable, aligned, C-contiguous, native byte order), as
+    ``torch.from_numpy`` does: the module is then built on the ``meta`` device (no weight
+    initialisation, no second copy of the weights) and the arrays are assigned to it.  That
+    takes about the weights' bytes in memory instead of three times that, and no time for
+    initialisers.  Models where that cannot work (non-parameter buffers that the state does
+    not hold, such as BatchNorm's ``num_batches_tracked``; tied weights; a build that fails
+    on ``meta``) are built normally and the state copied in.
+
+    Args:
+        spec: the registry entry.
+        canonical: canonical state (e.g. from ``prepare_state`` or ``init_state``).
+        copy: give the module its own copy of every tensor (changes to the module's weights,
+            e.g. by training, then never show up in ``canonical``).
 
     Returns:
         ``torch.nn.Module`` in eval mode with ``requires_grad`` untouched.
@@ -454,8 +469,11 @@ def torch_module(spec: ModelSpec, canonical: Mapping[str, np.ndarray]) -> Any:
     """
     torch = _import_torch()
     factory = _need_build(spec, "torch")
-    with torch.random.fork_rng(devices=[]):  # building must not disturb the caller's RNG
-        module = factory()
+    module = None if copy else _meta_build(spec, factory, canonical, torch)
+    assign = module is not None
+    if module is None:
+        with torch.random.fork_rng(devices=[]):  # building must not disturb the caller's RNG
+            module = factory()
     own = {k: v for k, v in module.state_dict().items() if not _ignored(spec, k)}
     problems = [f"missing key {k!r}" for k in own if k not in canonical]
     problems += [f"unexpected key {k!r}" for k in canonical if k not in own]
@@ -472,12 +490,61 @@ def torch_module(spec: ModelSpec, canonical: Mapping[str, np.ndarray]) -> Any:
                 problems,
             )
         )
-    tensors = {k: torch.from_numpy(np.array(canonical[k], copy=True)) for k in own}
-    result = module.load_state_dict(tensors, strict=False)
+    if assign:
+        tensors = {k: _from_numpy(_shareable(canonical[k]), torch) for k in own}
+    else:  # copied into the module's own tensors by load_state_dict: no extra numpy copy needed
+        tensors = {k: _as_torch(canonical[k], torch) for k in own}
+    result = module.load_state_dict(tensors, strict=False, assign=assign)
     leftover = [k for k in result.missing_keys if not _ignored(spec, k)] + list(result.unexpected_keys)
     assert not leftover, f"{spec.name}: load_state_dict left {leftover}"
+    if assign:
+        still_meta = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+        assert not still_meta, f"{spec.name}: tensors left on the meta device: {still_meta}"
     module.eval()
     return module
+
+
+def _meta_build(spec: ModelSpec, factory: Any, canonical: Mapping[str, np.ndarray], torch: Any) -> Any:
+    """The module built on the meta device when ``canonical`` can fill every tensor of it; else None."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            module = factory()
+    except Exception:  # a build that needs real tensors (e.g. .item() in __init__): build normally
+        return None
+    seen: dict[int, str] = {}
+    for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)):
+        if id(t) in seen:  # tied weights: assigning would untie them
+            return None
+        seen[id(t)] = name
+        if name not in canonical or _ignored(spec, name):  # e.g. num_batches_tracked, non-persistent buffers
+            return None
+    return module
+
+
+def _shareable(a: Any) -> np.ndarray:
+    """``a`` itself when torch can use its memory as is, else a copy that it can."""
+    arr = np.asarray(a)
+    ok = arr.flags.writeable and arr.flags.aligned and arr.flags.c_contiguous and arr.dtype.isnative
+    return arr if ok else np.array(arr, copy=True, order="C", dtype=arr.dtype.newbyteorder("="))
+
+
+def _as_torch(a: Any, torch: Any) -> Any:
+    """A tensor viewing ``a`` (read-only arrays too: load_state_dict only reads it)."""
+    import warnings
+
+    arr = np.asarray(a)
+    if not (arr.flags.aligned and arr.flags.c_contiguous and arr.dtype.isnative):
+        arr = np.array(arr, copy=True, order="C", dtype=arr.dtype.newbyteorder("="))
+    with warnings.catch_warnings():  # "The given NumPy array is not writable": only read here
+        warnings.simplefilter("ignore", UserWarning)
+        return _from_numpy(arr, torch)
+
+
+def _from_numpy(arr: np.ndarray, torch: Any) -> Any:
+    """``torch.from_numpy`` (shares memory), also for ml_dtypes bfloat16 arrays."""
+    if arr.dtype.name == "bfloat16":
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
 
 
 def canonical_from_torch(module: Any, spec: ModelSpec) -> dict[str, np.ndarray]:

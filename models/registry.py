@@ -113,6 +113,8 @@ class ModelSpec:
         flax_apply_kwargs: extra keyword arguments for ``module.apply`` at inference
             (e.g. ``{"train": False}``).
         dims: default sizes of dynamic dims for example inputs (must include ``batch``).
+        sweep_dims: sizes of the other dynamic dims that the parity sweep crosses with the
+            batch sizes by default (``{"seq": (1, 16, 64)}``); empty: ``dims`` only.
         tolerances: per-dtype overrides of ``DEFAULT_TOLERANCES``.
         output_tolerances: per-output overrides (output name -> Tolerance).
         ignore_keys: regexes of keys found in real checkpoints that are not parameters
@@ -131,6 +133,7 @@ class ModelSpec:
     flax_factory: Callable[[], Any] | None = None
     flax_apply_kwargs: Mapping[str, Any] = field(default_factory=dict)
     dims: Mapping[str, int] = field(default_factory=lambda: {"batch": 2})
+    sweep_dims: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
     output_tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
     ignore_keys: tuple[str, ...] = (r"(^|\.)num_batches_tracked$",)

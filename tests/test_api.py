@@ -43,14 +43,11 @@ def test_import_is_cheap_and_lazy() -> None:
     assert json.loads(out) == []
 
 
-@pytest.mark.parametrize("first", ["attribute", "import"])
-def test_train_is_callable_whichever_way_it_is_reached(first: str) -> None:
-    setup = "import exporter.train\n" if first == "import" else "exporter.train\n"
-    out = _python(
-        "import exporter\n" + setup + "import exporter.train as m\nimport json\n"
-        "print(json.dumps([callable(exporter.train), exporter.train is m, hasattr(exporter.train, 'TrainResult')]))"
-    )
-    assert json.loads(out) == [True, True, True]
+def test_train_is_the_api_function() -> None:
+    from exporter import api
+
+    assert exporter.train is api.train
+    assert "train" in exporter.__all__
 
 
 def test_list_models_and_inspect(tmp_path: Path) -> None:

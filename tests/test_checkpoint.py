@@ -219,6 +219,35 @@ def test_free_space_precheck(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert C.verify_checkpoint(tmp_path / "step-00000001") == []
 
 
+def test_short_of_space_drops_what_retention_would_drop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for step in (1, 2, 3):
+        _save(tmp_path, step)
+    real = shutil.disk_usage
+
+    def full_while_old_ones_exist(path):  # noqa: ANN001
+        u = real(path)
+        crowded = (tmp_path / "step-00000001").exists() or (tmp_path / "step-00000002").exists()
+        return type(u)(u.total, u.used, 1000 if crowded else u.free)
+
+    monkeypatch.setattr(shutil, "disk_usage", full_while_old_ones_exist)
+    with pytest.raises(CheckpointError, match="not enough free space"):
+        _save(tmp_path, 4, keep=4)  # retention would drop nothing: nothing removed, nothing written
+    assert len(C.step_dirs(tmp_path)) == 3
+    _save(tmp_path, 4, keep=2)  # steps 1 and 2 would go after the write anyway: they go first
+    assert _names(tmp_path) == ["step-00000003", "step-00000004"]
+
+
+def test_short_of_space_never_touches_an_unverified_newest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for step in (1, 2):
+        _save(tmp_path, step)
+    _flip_byte(tmp_path / "step-00000002" / "model.safetensors")  # step 1 is the last valid one
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type(real(p))(1 << 30, 1 << 30, 10))
+    with pytest.raises(CheckpointError, match="not enough free space"):
+        _save(tmp_path, 3, keep=1)
+    assert _names(tmp_path) == ["step-00000001", "step-00000002"]
+
+
 def test_enospc_during_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _save(tmp_path, 1)
     real = C._write_file

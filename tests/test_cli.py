@@ -156,8 +156,10 @@ def test_export_parity_failure_exits_1(capsys, tmp_path: Path) -> None:
         (["export", "--all", "--checkpoint", "x.pt"], "UsageError: --checkpoint holds the state of one model"),
         (["export", "mlp", "--checkpoint", "missing.pt"], "UsageError: checkpoint 'missing.pt' does not exist"),
         (["export", "mlp", "--inputs", "missing.npz"], "UsageError: inputs file"),
+        (["export", "mlp", "--dims", "seq=3"], "unknown dim 'seq'; model 'mlp' has dynamic dims: batch"),
     ],
-    ids=["no-model", "unknown-model", "bad-opset", "all-with-checkpoint", "missing-checkpoint", "missing-inputs"],
+    ids=["no-model", "unknown-model", "bad-opset", "all-with-checkpoint", "missing-checkpoint", "missing-inputs",
+         "unknown-dim"],
 )
 def test_export_bad_usage_exits_2(capsys, tmp_path: Path, argv: list[str], fragment: str) -> None:
     code, out, err = run(capsys, *argv, "--out", str(tmp_path / "out"))
@@ -170,6 +172,20 @@ def test_export_bad_usage_exits_2(capsys, tmp_path: Path, argv: list[str], fragm
 def test_export_bad_batch_sizes_is_argparse_error(capsys, value: str) -> None:
     code, _, err = run(capsys, "export", "mlp", "--batch-sizes", value)
     assert code == 2 and "--batch-sizes" in err
+
+
+@pytest.mark.parametrize("value", ["seq", "seq=0", "=1,2", "seq=a"])
+def test_export_bad_dims_is_argparse_error(capsys, value: str) -> None:
+    code, _, err = run(capsys, "export", "transformer", "--dims", value)
+    assert code == 2 and "--dims" in err
+
+
+def test_export_dims_cross_the_batch_sizes(capsys, tmp_path: Path) -> None:
+    code, out, err = run(capsys, "export", "transformer", "--framework", "torch", "--batch-sizes", "1,3",
+                         "--dims", "seq=2,9", "--out", str(tmp_path / "o"), "--json")  # fmt: skip
+    assert code == 0, err
+    (r,) = json.loads(out)["results"]
+    assert r["parity"]["cases"] == ["batch=1,seq=2", "batch=1,seq=9", "batch=3,seq=2", "batch=3,seq=9"]
 
 
 def test_export_checkpoint_of_another_model_exits_2(capsys, tmp_path: Path) -> None:
@@ -285,6 +301,15 @@ def test_train_then_export_checkpoint(capsys, tmp_path: Path) -> None:
                          "--out", str(tmp_path / "o"))  # fmt: skip
     assert code == 0, err
     assert "mlp (torch): PASS" in out
+    manifest = json.loads((tmp_path / "o" / "mlp" / "torch" / "manifest.json").read_text())
+    assert manifest["checkpoint"]["format"] == "exporter-checkpoint"
+    assert manifest["checkpoint"]["path"] == str((ckpt / "step-00000002").resolve())  # the step actually used
+    from exporter import state
+
+    assert manifest["checkpoint"]["sha256"] == state.sha256_path(ckpt / "step-00000002")
+    # same shapes, other model name: refused, naming both models
+    code, _, err = run(capsys, "export", "transformer", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o2"))
+    assert code == 2 and "trained for model 'mlp', not 'transformer'" in err, err
 
 
 def test_train_bad_input_exits_2(capsys, tmp_path: Path) -> None:

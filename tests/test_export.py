@@ -39,6 +39,8 @@ def test_every_model_exports_and_passes_the_sweep(exported, model: str, framewor
     # the sweep really covered every batch size, every output
     batches = {c.dims.get("batch") for c in r.parity.checks}
     assert batches == {1, 2, 7, 64}
+    for dim, sizes in registry.get(model).sweep_dims.items():  # e.g. seq lengths, crossed with batch
+        assert {(c.dims["batch"], c.dims[dim]) for c in r.parity.checks} == {(b, s) for b in batches for s in sizes}
     assert set(r.parity.outputs) == set(registry.get(model).outputs)
     if framework == "torch":
         assert r.exporter == "torch.onnx.dynamo", f"fell back to TorchScript: {r.fallback_reason}"
@@ -180,8 +182,8 @@ def build_torch():
             self.lin = torch.nn.Linear(20, 10)
 
         def forward(self, x):
-            # int() of a traced size: the TorchScript exporter bakes the export batch (2)
-            # into the Reshape; torch.export refuses it for a dynamic batch.
+            # int() of a traced size: torch.export specialises the batch to the example
+            # size (2, a static input); the TorchScript exporter bakes 2 into the Reshape.
             n = int(x.shape[0])
             return self.lin(x.reshape(n, 20))
 
@@ -210,21 +212,44 @@ def baked_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     sys.modules.pop("baked_models", None)
 
 
-def test_batch_baked_into_reshape_is_caught_by_the_sweep(baked_model: str, tmp_path: Path) -> None:
+def test_batch_fixed_by_the_export_is_caught_by_the_sweep(baked_model: str, tmp_path: Path) -> None:
+    """torch.export specialises the batch dim of this model to the example size (2) without
+    failing; the export warns, and the sweep fails every other size."""
     import exporter
 
     registry.load_plugins(baked_model)
     report = exporter.export("baked", out=tmp_path / "out", batch_sizes=(1, 2, 7))
     (r,) = report.results
-    assert r.exporter == "torch.onnx.torchscript"  # dynamo refused to bake it
-    assert r.fallback_reason
     assert not report and report.exit_code == 1
-    failing = {c.case for c in r.parity.failed_checks()}
-    assert failing == {"batch=1", "batch=7"}  # the export size (2) alone would have passed
+    assert {c.case for c in r.parity.failed_checks()} == {"batch=1", "batch=7"}  # the export size alone passes
     assert any("failed to run" in line for line in r.parity.failures())
+    assert any("'batch'" in w and "fixed to 2" in w for w in r.warnings)
     manifest = json.loads((r.path / "manifest.json").read_text())
-    assert manifest["fallback_reason"] == r.fallback_reason
+    assert manifest["export_warnings"] == list(r.warnings)
     assert manifest["parity"]["ok"] is False
+
+
+def test_batch_baked_into_a_reshape_is_caught_by_the_sweep(baked_model: str, tmp_path: Path) -> None:
+    """The TorchScript exporter keeps the batch input dynamic but bakes the trace's batch
+    size into a Reshape constant: only sizes other than the export size reveal it."""
+    from exporter import parity
+    from runtimes.onnxruntime import OnnxRuntime
+    from runtimes.torch import TorchRuntime
+
+    registry.load_plugins(baked_model)
+    spec = registry.get("baked")
+    module = spec.torch_factory().eval()
+    res = onnx_export.export_torch(spec, module, tmp_path / "model.onnx", dynamo=False)
+    assert res.input_shapes["x"][0] == "batch" and not res.warnings  # looks dynamic from outside
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    assert "Reshape" in {n.op_type for n in graph.node}
+    report = parity.check(
+        spec, TorchRuntime.from_module(spec, module), OnnxRuntime(tmp_path / "model.onnx"), cases=parity.sweep_cases(spec, (1, 2, 7, 64))
+    )
+    assert {c.case for c in report.failed_checks()} == {"batch=1", "batch=7", "batch=64"}
+    assert all("Reshape" in c.reason or "reshape" in c.reason.lower() for c in report.failed_checks())
+    with pytest.raises(ParityError, match="batch=7"):
+        report.raise_for_failure()
 
 
 # --------------------------------------------------------------------------- options
@@ -236,7 +261,7 @@ def test_opset_and_forced_external_data(tmp_path: Path) -> None:
     assert r.ok and r.opset == 18 and r.external_data
     data = r.path / "model.onnx.data"
     assert data.is_file() and data.stat().st_size >= 4 * (256 * 20 + 10 * 256)
-    assert (r.path / "model.onnx").stat().st_size < 4096  # weights are not inline
+    assert (r.path / "model.onnx").stat().st_size < data.stat().st_size // 4  # weights are not inline
     manifest = json.loads((r.path / "manifest.json").read_text())
     assert manifest["onnx"]["external_data"]["file"] == "model.onnx.data"
     assert exporter.verify(r.path)
@@ -250,15 +275,12 @@ def test_opset_and_forced_external_data(tmp_path: Path) -> None:
 
 def test_external_data_by_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Weights over the threshold (2 GiB in real life) go to model.onnx.data without asking."""
-    import torch
-
     spec = registry.get("mlp")
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
     res = onnx_export.export_torch(spec, spec.torch_factory(), tmp_path / "model.onnx")
     assert res.external_data and (tmp_path / "model.onnx.data").is_file()
     with pytest.raises(UsageError, match="external data"):
         onnx_export.export_torch(spec, spec.torch_factory(), tmp_path / "b" / "model.onnx", external_data=False)
-    del torch
 
 
 def test_bad_opset_is_a_usage_error(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+from conftest import skip_unless_ci
 
 from exporter import parity
 from exporter.errors import ExporterError, MissingDependencyError, UsageError
@@ -104,11 +105,11 @@ def _load_or_skip(artifacts: _Session, adapter: str, name: str) -> Runtime:
         try:
             runtime_class("node")
         except MissingDependencyError as e:
-            pytest.skip(f"node runtime unavailable: {e}")
+            skip_unless_ci(f"node runtime unavailable: {e}")
         try:
             return artifacts.runtime(adapter, name)
         except MissingDependencyError as e:
-            pytest.skip(f"node runtime unavailable (node / onnxruntime-node missing): {e}")
+            skip_unless_ci(f"node runtime unavailable (node / onnxruntime-node missing): {e}")
     return artifacts.runtime(adapter, name)
 
 

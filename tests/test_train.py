@@ -1,6 +1,6 @@
-"""exporter.train: deterministic training, auto-resume, bit-exact recovery from SIGKILL.
+"""exporter.training: deterministic training, auto-resume, bit-exact recovery from SIGKILL.
 
-The crash tests run ``python -m exporter.train`` in subprocesses and make them SIGKILL
+The crash tests run ``python -m exporter train`` in subprocesses and make them SIGKILL
 themselves at exact points through the test-only ``EXPORTER_TEST_CRASH_AT`` hook (between
 steps, after k files of a checkpoint write, after the commit rename, in the middle of
 retention), restart until done, and compare the final checkpoint with an uninterrupted run:
@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import pytest
 
 from exporter import checkpoint as C
 from exporter.errors import CheckpointError, UsageError
-from exporter.train import TrainResult, train
+from exporter.training import TrainResult, train
 
 pytest.importorskip("safetensors")
 
@@ -42,7 +41,7 @@ def _run_cli(ckpt_dir: Path, args: list[str], crash: str | None, tmp_cache: Path
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return subprocess.run(
-        [sys.executable, "-m", "exporter.train", "mlp", "--ckpt-dir", str(ckpt_dir), *args],
+        [sys.executable, "-m", "exporter", "train", "mlp", "--ckpt-dir", str(ckpt_dir), "--json", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -58,17 +57,25 @@ def _flip_tensor_byte(path: Path, tensor: str) -> None:
     path.write_bytes(bytes(data))
 
 
+def _scramble_global_rngs() -> None:
+    import random
+
+    random.seed(12345)
+    np.random.seed(12345)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(12345)
+
+
 # (crash point, step directories right after the crash)
 TORCH_CRASHES = [
     ("step:3", ["step-00000002"]),  # between steps: step 3 is lost, 2 is the newest
     ("write:4:2", ["step-00000002"]),  # two files of step 4 in the temp dir, then killed
-    ("commit:6", ["step-00000002", "step-00000004", "step-00000006"]),  # renamed, retention not run
-    ("prune:8", ["step-00000004", "step-00000006", "step-00000008"]),  # killed after removing step 2
+    ("prune:8", ["step-00000006", "step-00000008"]),  # killed after removing step 4 (step 2 went at 6)
 ]
 FLAX_CRASHES = [
     ("step:3", ["step-00000002"]),
-    ("write:4:1", ["step-00000002"]),
-    ("commit:4", ["step-00000002", "step-00000004"]),
+    ("commit:4", ["step-00000002", "step-00000004"]),  # renamed, retention not run yet
+    ("write:6:1", ["step-00000002", "step-00000004"]),
 ]
 
 
@@ -92,8 +99,9 @@ def test_sigkill_and_resume_is_bit_exact(
         proc = _run_cli(crashed, args, point, cache)
         assert proc.returncode == -signal.SIGKILL, f"{point}: rc {proc.returncode}\n{proc.stderr[-3000:]}"
         assert [p.name for p in C.step_dirs(crashed)] == expected, point
-    leftovers = [p.name for p in crashed.iterdir() if p.name.startswith(".tmp-")]
-    assert leftovers, "the mid-write / mid-prune crashes must leave temp directories behind"
+        leftovers = [p.name for p in crashed.iterdir() if p.name.startswith(".tmp-")]
+        if point.startswith(("write:", "prune:")):  # the next start must clean these up
+            assert leftovers, point
 
     # Damage the newest checkpoint too: the restart must report it on stderr and use the one before.
     newest = C.step_dirs(crashed)[-1]
@@ -125,13 +133,17 @@ def test_sigkill_and_resume_is_bit_exact(
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_in_process_resume_is_bit_exact(tmp_path: Path, model: str, framework: str) -> None:
     pytest.importorskip("torch" if framework == "torch" else "optax")
-    whole = train(model, tmp_path / "whole", 3, every=1, keep=1, framework=framework, batch_size=4, dataset_size=8)
-    first = train(model, tmp_path / "parts", 2, every=2, keep=1, framework=framework, batch_size=4, dataset_size=8)
-    second = train(model, tmp_path / "parts", 3, every=2, keep=1, framework=framework, batch_size=4, dataset_size=8)
-    assert (first.start_step, first.final_step) == (0, 2)
-    assert second.start_step == 2 and second.resumed_from.endswith("step-00000002")
+    kw = dict(framework=framework, batch_size=4, dataset_size=8, keep=1)  # 2 steps per epoch
+    whole = train(model, tmp_path / "whole", 5, every=1, **kw)
+    # Stop in the middle of the second epoch, so the resume needs the saved permutation, and
+    # cross another epoch after it, so it needs the permutation generator's state too.
+    first = train(model, tmp_path / "parts", 3, every=3, **kw)
+    _scramble_global_rngs()  # as if a new process: the resume must restore every RNG itself
+    second = train(model, tmp_path / "parts", 5, every=3, **kw)
+    assert (first.start_step, first.final_step) == (0, 3)
+    assert second.start_step == 3 and second.resumed_from.endswith("step-00000003")
     assert second.params_sha256 == whole.params_sha256
-    assert _final_hashes(tmp_path / "parts" / "step-00000003") == _final_hashes(tmp_path / "whole" / "step-00000003")
+    assert _final_hashes(tmp_path / "parts" / "step-00000005") == _final_hashes(tmp_path / "whole" / "step-00000005")
     # the model part is canonical (torch names) for both frameworks, ready for export
     from exporter import rebuild
     from models import registry
@@ -210,7 +222,7 @@ def test_full_disk_keeps_previous_and_resumes(tmp_path: Path, monkeypatch: pytes
 
 
 def test_lock_refuses_a_second_run(tmp_path: Path) -> None:
-    with C._dir_lock(tmp_path):
+    with C.lock_dir(tmp_path):
         with pytest.raises(CheckpointError, match="another training run is using"):
             train("mlp", tmp_path, 1)
 
@@ -222,9 +234,10 @@ def test_usage_errors_listed_together(tmp_path: Path) -> None:
 
 
 def test_cli_usage_error_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from exporter.train import main
+    from exporter.cli import main
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert main(["mlp", "--ckpt-dir", str(tmp_path), "--steps", "1", "--keep", "0"]) == 2
-    assert "UsageError: invalid training arguments" in capsys.readouterr().err
+    assert main(["train", "mlp", "--ckpt-dir", str(tmp_path), "--steps", "1", "--keep", "0"]) == 2
+    assert "--keep" in capsys.readouterr().err
+    assert main(["train", "nope", "--ckpt-dir", str(tmp_path), "--steps", "1"]) == 2
+    assert "UnknownModelError: unknown model 'nope'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

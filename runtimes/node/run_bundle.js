@@ -367,8 +367,8 @@ async function verify(ort, bundle, opts) {
       if (e instanceof UsageError) throw e;
       const reason = `node failed to run: ${String(e.message).split('\n').join(' ')}`.slice(0, 600);
       for (const r of expected) {
-        const t = tol(r.name, r.type);
-        checks.push(failedCheck(r.name, kase, dims, Array.from(r.dims), r.type, EXACT.has(r.type) ? 0 : t.atol, EXACT.has(r.type) ? 0 : t.rtol, reason));
+        const t = EXACT.has(r.type) ? { atol: 0, rtol: 0 } : tol(r.name, r.type);
+        checks.push(failedCheck(r.name, kase, dims, Array.from(r.dims), r.type, t.atol, t.rtol, reason));
       }
       continue;
     }

@@ -23,38 +23,36 @@ What one training step does (both frameworks):
 The model part is stored in canonical (torch-style) layout for both frameworks, so
 ``python -m exporter export MODEL --checkpoint CKPT_DIR`` works the same for either.
 
-Command line (until ``python -m exporter train`` is wired)::
+Command line::
 
-    python -m exporter.train mlp --ckpt-dir ckpts --steps 100 --every 10 --keep 3
+    python -m exporter train mlp --ckpt-dir ckpts --steps 100 --every 10 --keep 3
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
 import random
-import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from exporter import atomic
 from exporter import checkpoint as ckpt
-from exporter.errors import CheckpointError, ExporterError, UsageError, format_problems
+from exporter.errors import CheckpointError, UsageError, format_problems
 
 if TYPE_CHECKING:  # pragma: no cover
     from models.registry import ModelSpec
 
-__all__ = ["TrainConfig", "TrainResult", "train", "main"]
+__all__ = ["TrainConfig", "TrainResult", "train"]
 
-log = logging.getLogger("exporter.train")
+log = logging.getLogger("exporter.training")
 
 NOISE_SCALES = (0.0, 0.01, 0.03)
 FRAMEWORKS = ("torch", "flax")
@@ -248,40 +246,30 @@ class _TorchRun:
 # --------------------------------------------------------------------------------------
 # flax
 # --------------------------------------------------------------------------------------
-class _FlaxRun:
-    def __init__(self, spec: ModelSpec, canonical: Mapping[str, np.ndarray], cfg: TrainConfig) -> None:
+class _FlaxProgram:
+    """The flax module, optimizer and jitted init/step of one (model, settings) pair.
+
+    Cached per process, so repeated ``train`` calls (tests, notebooks) compile once.
+    """
+
+    def __init__(self, spec: ModelSpec, cfg: TrainConfig) -> None:
         import jax
-        import jax.numpy as jnp
         import optax
 
-        from exporter import rebuild
-
-        self.jax, self.jnp = jax, jnp
         self.spec = spec
-        variables = rebuild.flax_variables(spec, canonical)
-        self.params = variables["params"]
-        self.extra = {k: v for k, v in variables.items() if k != "params"}
-        self.tx = optax.adamw(optax.exponential_decay(cfg.lr, 1, cfg.gamma), weight_decay=cfg.weight_decay)
-        self.opt_state = jax.jit(self.tx.init)(self.params)  # one compile instead of one per op
-        self.key = jax.random.PRNGKey(cfg.seed)
         self.module = spec.flax_factory()  # type: ignore[misc]
+        self.tx = optax.adamw(optax.exponential_decay(cfg.lr, 1, cfg.gamma), weight_decay=cfg.weight_decay)
         self.train_kwargs = {
             k: (_FLAX_TRAIN_FLAGS[k] if k in _FLAX_TRAIN_FLAGS and isinstance(v, bool) else v)
             for k, v in spec.flax_apply_kwargs.items()
         }
         self.float_inputs = [np.dtype(t.dtype).kind == "f" for t in spec.inputs]
-        self._step = jax.jit(self._step_fn)
-
-    def output_shapes(self, batch: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
-        jax = self.jax
-        args = [batch[t.name] for t in self.spec.inputs]
-        variables = {"params": self.params, **self.extra}
-        out = jax.eval_shape(lambda *a: self.module.apply(variables, *a, **self.spec.flax_apply_kwargs), *args)
-        outs = list(out) if isinstance(out, (tuple, list)) else [out]
-        return {n: (tuple(o.shape), str(o.dtype)) for n, o in zip(self.spec.outputs, outs)}
+        self.init = jax.jit(self.tx.init)  # one compile instead of one per op
+        self.step = jax.jit(self._step_fn)
 
     def _step_fn(self, params: Any, extra: Any, opt_state: Any, key: Any, inputs: list[Any], targets: dict[str, Any], scale: Any) -> Any:
-        jax, jnp = self.jax, self.jnp
+        import jax
+        import jax.numpy as jnp
         import optax
 
         keys = jax.random.split(key, 2 + len(inputs))
@@ -307,9 +295,41 @@ class _FlaxRun:
         params = optax.apply_updates(params, updates)
         return params, new_extra, opt_state, key, loss
 
+
+_FLAX_PROGRAMS: dict[tuple[str, int, TrainConfig], _FlaxProgram] = {}
+
+
+class _FlaxRun:
+    def __init__(self, spec: ModelSpec, canonical: Mapping[str, np.ndarray], cfg: TrainConfig) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        from exporter import rebuild
+
+        self.jax, self.jnp = jax, jnp
+        self.spec = spec
+        cache_key = (spec.name, id(spec), cfg)
+        if cache_key not in _FLAX_PROGRAMS:
+            _FLAX_PROGRAMS[cache_key] = _FlaxProgram(spec, cfg)
+        self.prog = _FLAX_PROGRAMS[cache_key]
+        variables = rebuild.flax_variables(spec, canonical)
+        self.params = variables["params"]
+        self.extra = {k: v for k, v in variables.items() if k != "params"}
+        self.opt_state = self.prog.init(self.params)
+        self.key = jax.random.PRNGKey(cfg.seed)
+
+    def output_shapes(self, batch: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
+        jax = self.jax
+        args = [batch[t.name] for t in self.spec.inputs]
+        variables = {"params": self.params, **self.extra}
+        module = self.prog.module
+        out = jax.eval_shape(lambda *a: module.apply(variables, *a, **self.spec.flax_apply_kwargs), *args)
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        return {n: (tuple(o.shape), str(o.dtype)) for n, o in zip(self.spec.outputs, outs)}
+
     def step(self, batch: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray], scale: float) -> float:
         inputs = [batch[t.name] for t in self.spec.inputs]
-        self.params, self.extra, self.opt_state, self.key, loss = self._step(
+        self.params, self.extra, self.opt_state, self.key, loss = self.prog.step(
             self.params, self.extra, self.opt_state, self.key, inputs, dict(targets), np.float32(scale)
         )
         return float(loss)
@@ -429,6 +449,7 @@ def _move_aside(path: Path) -> Path:
         n += 1
         target = path.with_name(f"{path.name}.corrupt{n}")
     os.replace(path, target)
+    atomic.fsync_dir(path.parent)
     return target
 
 
@@ -493,7 +514,7 @@ def train(
         raise UsageError(f"model {spec.name!r} has no {framework} build (it has: {', '.join(spec.frameworks)})")
     root = Path(ckpt_dir)
     t0 = time.perf_counter()
-    with ckpt._dir_lock(root):
+    with ckpt.lock_dir(root):
         cleaned = [str(p) for p in ckpt.clean(root)]
         for p in cleaned:
             log.info("removed leftover %s (an interrupted checkpoint write)", p)
@@ -516,7 +537,6 @@ def train(
 
         data = _Data(spec, cfg)
         if latest is None:
-            _seed_all(seed, framework)
             from exporter import rebuild
 
             canonical = rebuild.init_state(spec, seed=seed, framework=framework)
@@ -527,7 +547,11 @@ def train(
         data.make_targets(spec, run.output_shapes(first), seed)
         start = 0
         loss: float | None = None
-        if latest is not None:
+        if latest is None:
+            # Seed only now: importing and building the frameworks may draw from the global
+            # RNGs, and a resumed run (which restores them here) imports in its own order.
+            _seed_all(seed, framework)
+        else:
             run.restore(latest)
             st = latest.state
             data.restore(st["data"], latest.group("rng"))
@@ -593,45 +617,3 @@ def train(
         cleaned=tuple(cleaned),
         seconds=round(time.perf_counter() - t0, 3),
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m exporter.train MODEL --ckpt-dir DIR --steps N ...``; prints the result as JSON."""
-    p = argparse.ArgumentParser(prog="python -m exporter.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("model")
-    p.add_argument("--ckpt-dir", required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--every", type=int, default=10)
-    p.add_argument("--keep", type=int, default=3)
-    p.add_argument("--keep-every", type=int, default=None)
-    p.add_argument("--framework", choices=FRAMEWORKS, default="torch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dataset-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    warnings.simplefilter("always", ckpt.CheckpointWarning)
-    try:
-        result = train(
-            a.model,
-            a.ckpt_dir,
-            a.steps,
-            every=a.every,
-            keep=a.keep,
-            keep_every=a.keep_every,
-            framework=a.framework,
-            seed=a.seed,
-            batch_size=a.batch_size,
-            dataset_size=a.dataset_size,
-            lr=a.lr,
-        )
-    except ExporterError as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return e.exit_code
-    print(json.dumps(result.to_dict(), indent=1))
-    return 0 if result else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

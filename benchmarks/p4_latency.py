@@ -1,0 +1,78 @@
+"""P4: latency of each exported model in onnxruntime at batch 1 and 32 vs torch eager / jax.jit.
+
+Per registry model, one fresh process exports it from both frameworks with
+``exporter.onnx_export`` (the product's graphs) and times, in interleaved rounds:
+
+* onnxruntime on the torch export   vs  the torch build, eager, under ``inference_mode``;
+* onnxruntime on the flax export    vs  ``jax.jit`` of the flax build's ``apply``.
+
+onnxruntime runs with the session settings of ``runtimes.onnxruntime.OnnxRuntime`` (the
+ones a bundle records in its manifest): graph optimisation level "all", sequential
+execution, no spinning.  Each call includes numpy in / numpy out on every side.  Other
+dynamic dims stay at the registry defaults (e.g. seq 16 for minilm).
+
+Thread budgets are equal on both sides: the primary figures give every runtime one
+intra-op thread (``torch.set_num_threads(1)``, ``intra_op_num_threads=1``, XLA's Eigen
+pool off), which is also what survives a loaded shared machine; the full run adds the
+runtimes' own defaults as a second set of figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.common import figure, run_case, summary
+
+TARGET = 1.0
+ONE_THREAD_ENV: dict[str, str | None] = {
+    "OMP_NUM_THREADS": "1",
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+}
+
+
+def _models(cfg: Any) -> list[str]:
+    from models import registry
+
+    builtin = [n for n in registry.names() if not n.startswith("bench_")]
+    return [n for n in builtin if n in ("mlp", "transformer")] if cfg.quick else builtin
+
+
+def run(cfg: Any) -> list[dict[str, Any]]:
+    figs: list[dict[str, Any]] = []
+    configs = [("1 thread", 1)] + ([] if cfg.quick else [("default threads", 0)])
+    for label, threads in configs:
+        env = ONE_THREAD_ENV if threads == 1 else {"OMP_NUM_THREADS": None, "XLA_FLAGS": None}
+        suffix = "" if threads == 1 else ".default_threads"
+        for model in _models(cfg):
+            cfg.log(f"P4: {model} ({label})")
+            r = run_case(
+                "p4_model",
+                {
+                    "model": model,
+                    "dir": str(cfg.workdir / "p4"),
+                    "threads": threads,
+                    "batches": [1, 32],
+                    "rounds": cfg.repeats(7, 3),
+                    "budget": 0.05 if cfg.quick else 0.15,
+                },
+                env=env,
+            )
+            for fw, (ours_key, anchor_key) in r["pairs"].items():
+                for b, lat in r["latency"].items():
+                    ours, anchor = lat[ours_key], lat[anchor_key]
+                    figs.append(
+                        figure(
+                            f"P4.{model}.{fw}.b{b}{suffix}",
+                            f"{model}: {ours_key} latency, batch {b}",
+                            f"{anchor_key} latency",
+                            [o / a for o, a in zip(ours, anchor)],
+                            op="<=",
+                            target=TARGET,
+                            ratio_is="onnxruntime seconds per call / anchor seconds per call",
+                            ours=summary(ours),
+                            anchor_values=summary(anchor),
+                            notes=f"{label}; dims {r['dims'][b]}; onnxruntime {r['settings']['onnxruntime']}; "
+                            f"torch threads {r['settings']['torch_num_threads']}; XLA_FLAGS {r['settings']['xla_flags']!r}",
+                        )
+                    )
+    return figs
