@@ -309,6 +309,50 @@ def p5_checkpoint(p: dict[str, Any]) -> dict[str, Any]:
     return {"bytes": nbytes, "model_bytes": int(sum(a.nbytes for a in model.values())), "seconds": out}
 
 
+# ----------------------------------------------------------------------------- P6
+@case
+def p6_export(p: dict[str, Any]) -> dict[str, Any]:
+    """``exporter.export`` of the wide MLP from a safetensors checkpoint, ONNX external data; peak RSS.
+
+    Params: width, depth, path (the checkpoint), out, framework, external_data (None =
+    automatic, over 2 GiB), batch_sizes.
+    """
+    import numpy  # noqa: F401
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import onnxscript  # noqa: F401
+    import safetensors  # noqa: F401
+    import torch  # noqa: F401
+
+    import exporter
+    from benchmarks import wide
+    from exporter import bundle, onnx_export, parity, rebuild, state  # noqa: F401
+
+    spec = wide.spec(p["width"], p["depth"])
+    fw = p.get("framework", "torch")
+    if fw == "flax":
+        import flax  # noqa: F401
+        import jax  # noqa: F401
+        import jax2onnx  # noqa: F401
+    with Measure() as m:
+        report = exporter.export(
+            spec.name,
+            checkpoint=p["path"],
+            framework=fw,
+            out=p["out"],
+            external_data=p.get("external_data"),
+            batch_sizes=p.get("batch_sizes"),
+        )
+    r = report.results[0]
+    return {
+        **m.to_dict(),
+        "ok": bool(report),
+        "external_data": r.external_data,
+        "stages": {k: round(v, 3) for k, v in r.seconds.items()},
+        "failures": report.failures()[:5],
+    }
+
+
 # ----------------------------------------------------------------------------- P4
 def _calibrate(fn: Callable[[], Any], budget: float) -> int:
     """How many calls of ``fn`` take about ``budget`` seconds (at least 1)."""

@@ -175,7 +175,8 @@ class ExportReport:
         parts = [f"{passed} passed", f"{failed} failed parity"]
         if self.errors:
             parts.append(f"{len(self.errors)} could not be exported")
-        return f"{'PASS' if self.ok else 'FAIL'}: {len(self.results) + len(self.errors)} bundles under {self.out}: " + ", ".join(parts)
+        n = len(self.results) + len(self.errors)
+        return f"{'PASS' if self.ok else 'FAIL'}: {n} bundle{'' if n == 1 else 's'} under {self.out}: " + ", ".join(parts)
 
     def table(self) -> str:
         """Readable text: per bundle its headline and parity table; errors; the summary."""
@@ -256,7 +257,9 @@ def _frameworks(spec: ModelSpec, framework: str) -> list[str]:
     return [framework]
 
 
-def _load_checkpoint(spec: ModelSpec, checkpoint: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _load_checkpoint(
+    spec: ModelSpec, checkpoint: str | os.PathLike[str], rename: Sequence[tuple[str, str]] = ()
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     from exporter import rebuild, state
 
     path = Path(checkpoint)
@@ -271,7 +274,7 @@ def _load_checkpoint(spec: ModelSpec, checkpoint: str | os.PathLike[str]) -> tup
         path, raw = Path(used.path), dict(used.group("model"))
     else:
         raw = state.load_state(path)
-    canonical, _ = rebuild.prepare_state(spec, raw, strict=True, source=str(path))
+    canonical, _ = rebuild.prepare_state(spec, raw, strict=True, rename=rename, source=str(path))
     info = {"path": str(path.resolve()), "format": fmt, "sha256": state.sha256_path(path)}
     return canonical, info
 
@@ -302,6 +305,7 @@ def export(
     opset: int | None = None,
     batch_sizes: Sequence[int] | None = None,
     dims: Mapping[str, int | Sequence[int]] | None = None,
+    rename: Sequence[tuple[str, str]] = (),
     atol: float | None = None,
     rtol: float | None = None,
     inputs: str | os.PathLike[str] | None = None,
@@ -331,6 +335,8 @@ def export(
         batch_sizes: batch sizes of the parity sweep (default 1, 2, 7, 64).
         dims: sizes of other dynamic dims to cross with the batch sizes
             (``{"seq": (1, 16, 64)}``); default: each model's ``sweep_dims``.
+        rename: ``(regex, replacement)`` rules applied to the checkpoint's keys before the
+            strict check (after the usual prefix stripping and the model's own rules).
         atol, rtol: tolerance overrides (default: the model's, dtype-aware).
         inputs: an ``.npz`` of user inputs, checked as one more case.
         seed: seed of the initial state and the sweep's inputs.
@@ -380,7 +386,7 @@ def export(
         canonical = ckpt_info = seeded = None
         try:
             if checkpoint is not None:
-                canonical, ckpt_info = _load_checkpoint(spec, checkpoint)
+                canonical, ckpt_info = _load_checkpoint(spec, checkpoint, rename)
             else:
                 from exporter import rebuild
 
@@ -503,6 +509,7 @@ def convert(
     model: str | None = None,
     to: str | None = None,
     format: str | None = None,
+    rename: Sequence[tuple[str, str]] = (),
 ) -> ConvertReport:
     """Convert saved state between formats (by ``dst``'s extension or ``format``) and frameworks.
 
@@ -518,6 +525,7 @@ def convert(
         model: registry name whose layout to check and convert.
         to: ``"torch"`` (canonical) or ``"flax"``; needs ``model``.
         format: output format overriding ``dst``'s extension.
+        rename: ``(regex, replacement)`` key renames applied before the check (needs ``model``).
 
     Returns:
         A :class:`ConvertReport`.
@@ -532,6 +540,8 @@ def convert(
         raise UsageError(f"unknown target layout {to!r}; choose torch (canonical) or flax")
     if to is not None and model is None:
         raise UsageError("converting between frameworks needs the model: pass model= (--model NAME) with to= (--to)")
+    if rename and model is None:
+        raise UsageError("renaming keys needs the model they must fit: pass model= (--model NAME) with rename= (--rename)")
     src_p, dst_p = Path(src), Path(dst)
     if src_p.resolve() == dst_p.resolve():
         raise UsageError(f"source and destination are the same path ({src_p}); pick another destination")
@@ -544,7 +554,7 @@ def convert(
         from models import registry
 
         spec = registry.get(model)
-        canonical, _ = rebuild.prepare_state(spec, raw, strict=True, source=str(src_p))
+        canonical, _ = rebuild.prepare_state(spec, raw, strict=True, rename=rename, source=str(src_p))
         if to == "flax":
             arrays = layouts.flatten_flax(layouts.to_flax(canonical, spec.layout))
             layout = "flax"

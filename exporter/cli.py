@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,6 +53,17 @@ def _dim_sizes(text: str) -> dict[str, list[int]]:
         return {name.strip(): _batch_sizes(sizes)}
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected DIM=LIST of positive integers like seq=1,16,64, got {text!r}") from None
+
+
+def _rename_rule(text: str) -> tuple[str, str]:
+    pattern, sep, replacement = text.partition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"expected REGEX=REPLACEMENT like '^encoder\\.=bert.encoder.', got {text!r}")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"bad regular expression {pattern!r}: {e}") from None
+    return pattern, replacement
 
 
 def _nonneg_float(text: str) -> float:
@@ -110,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: 20)")
     p.add_argument("--batch-sizes", type=_batch_sizes, metavar="LIST", help="parity sweep batch sizes (default: 1,2,7,64)")
     p.add_argument(
+        "--rename",
+        type=_rename_rule,
+        action="append",
+        default=[],
+        metavar="REGEX=REPLACEMENT",
+        help="rename checkpoint keys before the strict check (repeatable; applied in order)",
+    )
+    p.add_argument(
         "--dims",
         type=_dim_sizes,
         action="append",
@@ -138,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST", help="state to write (format from its extension, or --format)")
     p.add_argument("--model", metavar="NAME", help="check the state against this registry model (needed for --to)")
     p.add_argument("--to", choices=("torch", "flax"), help="layout to write: torch (canonical) or flax")
+    p.add_argument(
+        "--rename",
+        type=_rename_rule,
+        action="append",
+        default=[],
+        metavar="REGEX=REPLACEMENT",
+        help="rename checkpoint keys before the strict check (repeatable; applied in order)",
+    )
     p.add_argument(
         "--format", choices=("safetensors", "torch", "npz", "flax-msgpack", "orbax"), help="output format (default: from DST's extension)"
     )
@@ -208,6 +236,7 @@ def _cmd_export(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         opset=args.opset,
         batch_sizes=args.batch_sizes,
         dims=dict(kv for d in args.dims for kv in d.items()) if args.dims else None,
+        rename=args.rename,
         atol=args.atol,
         rtol=args.rtol,
         inputs=args.inputs,
@@ -248,7 +277,7 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from exporter import api
 
-    report = api.convert(args.src, args.dst, model=args.model, to=args.to, format=args.format)
+    report = api.convert(args.src, args.dst, model=args.model, to=args.to, format=args.format, rename=args.rename)
     if args.json:
         _print_json(report.to_dict(), out)
     else:

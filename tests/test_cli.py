@@ -188,6 +188,29 @@ def test_export_dims_cross_the_batch_sizes(capsys, tmp_path: Path) -> None:
     assert r["parity"]["cases"] == ["batch=1,seq=2", "batch=1,seq=9", "batch=3,seq=2", "batch=3,seq=9"]
 
 
+def test_export_and_convert_with_rename_rules(capsys, tmp_path: Path) -> None:
+    from exporter import state
+
+    rng = np.random.default_rng(0)
+    f = tmp_path / "sequential.safetensors"  # nn.Sequential names, as many real checkpoints have
+    state.save_state({"net.0.weight": rng.random((256, 20), np.float32), "net.0.bias": rng.random(256, np.float32),
+                      "net.2.weight": rng.random((10, 256), np.float32), "net.2.bias": rng.random(10, np.float32)}, f)  # fmt: skip
+    code, _, err = run(capsys, "export", "mlp", "--checkpoint", str(f), "--framework", "torch", "--out", str(tmp_path / "o"))
+    assert code == 2 and "unexpected key 'net.0.weight'" in err and "--rename" in err
+    rules = ["--rename", r"^net\.0\.=hidden.", "--rename", r"^net\.2\.=output."]
+    code, out, err = run(capsys, "export", "mlp", "--checkpoint", str(f), "--framework", "torch", "--batch-sizes", "1,2",
+                         "--out", str(tmp_path / "o"), *rules)  # fmt: skip
+    assert code == 0, err
+    code, out, err = run(capsys, "convert", str(f), str(tmp_path / "c.msgpack"), "--model", "mlp", "--to", "flax", *rules)
+    assert code == 0, err
+    assert sorted(state.load_state(tmp_path / "c.msgpack")) == [
+        "params/hidden/bias", "params/hidden/kernel", "params/output/bias", "params/output/kernel"]  # fmt: skip
+    code, _, err = run(capsys, "convert", str(f), str(tmp_path / "d.npz"), "--rename", "a=b")
+    assert code == 2 and "renaming keys needs the model" in err
+    code, _, err = run(capsys, "export", "mlp", "--rename", "(=x")
+    assert code == 2 and "--rename" in err
+
+
 def test_export_checkpoint_of_another_model_exits_2(capsys, tmp_path: Path) -> None:
     from exporter import state
 
