@@ -66,6 +66,17 @@ def _rename_rule(text: str) -> tuple[str, str]:
     return pattern, replacement
 
 
+def _add_rename(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rename",
+        type=_rename_rule,
+        action="append",
+        default=[],
+        metavar="REGEX=REPLACEMENT",
+        help="rename checkpoint keys before the strict check (repeatable; applied in order)",
+    )
+
+
 def _nonneg_float(text: str) -> float:
     try:
         x = float(text)
@@ -121,14 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", metavar="DIR", help="output root; bundles go to DIR/<model>/<framework> (default: out)")
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: 20)")
     p.add_argument("--batch-sizes", type=_batch_sizes, metavar="LIST", help="parity sweep batch sizes (default: 1,2,7,64)")
-    p.add_argument(
-        "--rename",
-        type=_rename_rule,
-        action="append",
-        default=[],
-        metavar="REGEX=REPLACEMENT",
-        help="rename checkpoint keys before the strict check (repeatable; applied in order)",
-    )
+    _add_rename(p)
     p.add_argument(
         "--dims",
         type=_dim_sizes,
@@ -158,14 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST", help="state to write (format from its extension, or --format)")
     p.add_argument("--model", metavar="NAME", help="check the state against this registry model (needed for --to)")
     p.add_argument("--to", choices=("torch", "flax"), help="layout to write: torch (canonical) or flax")
-    p.add_argument(
-        "--rename",
-        type=_rename_rule,
-        action="append",
-        default=[],
-        metavar="REGEX=REPLACEMENT",
-        help="rename checkpoint keys before the strict check (repeatable; applied in order)",
-    )
+    _add_rename(p)
     p.add_argument(
         "--format", choices=("safetensors", "torch", "npz", "flax-msgpack", "orbax"), help="output format (default: from DST's extension)"
     )

@@ -586,7 +586,10 @@ def run_torch(spec: ModelSpec, module: Any, inputs: Mapping[str, np.ndarray]) ->
         UsageError: an input is missing or unexpected.
     """
     torch = _import_torch()
-    args = [torch.from_numpy(np.ascontiguousarray(a)) for a in _ordered_inputs(spec, inputs)]
+    # Inputs may be read-only views (test data read back from files); torch needs writable memory.
+    args = []
+    for a in map(np.asarray, _ordered_inputs(spec, inputs)):
+        args.append(torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C")))
     with torch.inference_mode():
         result = module(*args)
     outs = _name_outputs(spec, result)

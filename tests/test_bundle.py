@@ -35,10 +35,14 @@ def test_bundle_layout(exported, model: str, framework: str) -> None:
     assert not (d / "model.onnx.data").exists()  # small models stay in one file
     manifest = json.loads((d / "manifest.json").read_text())
     sets = manifest["test_data_sets"]
-    assert [s["dims"]["batch"] for s in sets] == [1, 2, 7, 64]
+    spec = registry.get(model)
+    # one test data set per swept case: batch sizes crossed with the model's sweep dims
+    expected = [{"batch": b} for b in (1, 2, 7, 64)]
+    for dim, sizes in spec.sweep_dims.items():
+        expected = [{**e, dim: n} for e in expected for n in sizes]
+    assert [{k: s["dims"][k] for k in e} for s, e in zip(sets, expected)] == expected and len(sets) == len(expected)
     assert sorted(p.name for p in d.glob("test_data_set_*")) == sorted(s["dir"] for s in sets)
     graph = onnx.load(str(d / "model.onnx"), load_external_data=False).graph
-    spec = registry.get(model)
     for s in sets:
         inputs, outputs = bundle.read_test_data(d / s["dir"])
         assert list(inputs) == [i.name for i in graph.input] == [t.name for t in spec.inputs]
