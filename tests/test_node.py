@@ -399,3 +399,24 @@ def test_missing_npm_package_names_the_npm_command(tmp_path: Path, monkeypatch: 
 def test_missing_model_file_is_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         node_rt.NodeRuntime(tmp_path / "missing.onnx")
+
+
+# --------------------------------------------------------------------------- every registry bundle
+from models import registry  # noqa: E402
+
+_PAIRS = [(m, fw) for m in registry.names() for fw in registry.get(m).frameworks]
+
+
+@pytest.mark.parametrize(("model", "framework"), _PAIRS, ids=[f"{m}-{f}" for m, f in _PAIRS])
+def test_every_registry_bundle_verifies_in_node(node_ok: dict[str, str], exported, model: str, framework: str) -> None:
+    """The real bundles of every registry entry (MiniLM included) pass in Node.js: both the
+    JS program's own comparison and ``verify --runtime node`` (Python's comparison)."""
+    from exporter import bundle as bundle_mod
+
+    path = exported.out / model / framework
+    code, report = node_rt.node_verify(path)
+    assert code == 0, json.dumps(report)[:3000]
+    py = bundle_mod.verify(path, runtime="node")
+    assert py.ok and py.candidate == "node", py.failures()
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert len({c.case for c in py.checks}) == len(manifest["test_data_sets"])
