@@ -28,7 +28,10 @@ untouched.  Retention (keep the last N, and optionally every K-th
 step) runs only after the new checkpoint is committed and never removes it.
 
 A checkpoint is *valid* when its manifest parses, its self-hash matches, and every file and
-every tensor matches its recorded size/dtype/shape/sha256.  Loading a checkpoint directory
+every tensor matches its recorded size/dtype/shape/sha256.  Loading checks every file's
+sha256 (which covers every tensor byte) and each tensor's dtype/shape; the per-tensor
+hashes are computed when a file's hash fails, to name the damaged tensors, and always by
+:func:`verify_checkpoint`.  Loading a checkpoint directory
 uses the newest valid step and warns (:class:`CheckpointWarning`) about each newer one that
 is corrupt or partial, naming it and why; loading a step directory explicitly raises
 :class:`~exporter.errors.CheckpointCorruptError` instead.
@@ -63,6 +66,7 @@ import sys
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +160,10 @@ def step_dirs(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
         return []
     found = [(s, p) for p in d.iterdir() if p.is_dir() and (s := _step_of(p)) is not None]
     return [p for _s, p in sorted(found)]
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _tensor_sha256(a: np.ndarray) -> str:
@@ -310,23 +318,34 @@ def save_checkpoint(
     tensor_index: dict[str, dict[str, Any]] = {}
     from safetensors.numpy import save as st_save
 
-    for group, arrays in tensors.items():
-        clean = {}
-        entries = {}
-        for name, arr in arrays.items():
-            a = np.asarray(arr, order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
-            assert a.dtype != object, f"{group}/{name}: object arrays cannot be stored"
-            clean[name] = a
-            entries[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "sha256": _tensor_sha256(a)}
-        fname = f"{group}.safetensors"
-        # One metadata key only: safetensors writes metadata in hash-map order, and a
-        # single key keeps the bytes (and so the file hashes) reproducible across runs.
-        files[fname] = st_save(clean, metadata={"format": CHECKPOINT_FORMAT})
-        tensor_index[fname] = entries
-    try:
-        files[STATE_JSON] = json.dumps(state, indent=1, allow_nan=False).encode()
-    except (TypeError, ValueError) as e:
-        raise AssertionError(f"checkpoint state is not plain JSON (use encode_tree): {e}") from e
+    # hashlib releases the GIL on large buffers: hash tensors and files on worker threads
+    # while the main thread serialises, instead of one core doing every pass in turn.
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        tensor_hashes: dict[tuple[str, str], Future[str]] = {}
+        file_hashes: dict[str, Future[str]] = {}
+        for group, arrays in tensors.items():
+            clean = {}
+            entries = {}
+            fname = f"{group}.safetensors"
+            for name, arr in arrays.items():
+                a = np.asarray(arr, order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
+                assert a.dtype != object, f"{group}/{name}: object arrays cannot be stored"
+                clean[name] = a
+                entries[name] = {"dtype": a.dtype.name, "shape": list(a.shape)}
+                tensor_hashes[fname, name] = pool.submit(_tensor_sha256, a)
+            # One metadata key only: safetensors writes metadata in hash-map order, and a
+            # single key keeps the bytes (and so the file hashes) reproducible across runs.
+            files[fname] = st_save(clean, metadata={"format": CHECKPOINT_FORMAT})
+            file_hashes[fname] = pool.submit(_sha256_hex, files[fname])
+            tensor_index[fname] = entries
+        try:
+            files[STATE_JSON] = json.dumps(state, indent=1, allow_nan=False).encode()
+        except (TypeError, ValueError) as e:
+            raise AssertionError(f"checkpoint state is not plain JSON (use encode_tree): {e}") from e
+        file_hashes[STATE_JSON] = pool.submit(_sha256_hex, files[STATE_JSON])
+        for (fname, name), fut in tensor_hashes.items():
+            tensor_index[fname][name]["sha256"] = fut.result()
+        file_sha = {n: f.result() for n, f in file_hashes.items()}
 
     manifest: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
@@ -336,7 +355,7 @@ def save_checkpoint(
         "step": step,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
-        "files": {n: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in files.items()},
+        "files": {n: {"bytes": len(b), "sha256": file_sha[n]} for n, b in files.items()},
         "tensors": tensor_index,
     }
     manifest["manifest_sha256"] = _manifest_self_hash(manifest)
@@ -514,56 +533,101 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
     return manifest, problems
 
 
-def _load_dir(path: Path, *, want: set[str] | None) -> tuple[dict[str, Any] | None, dict[str, Any], list[str]]:
-    """Read and check one step directory.  Returns (manifest, {file: loaded content}, problems)."""
+def _load_dir(
+    path: Path, *, want: set[str] | None, full: bool = False
+) -> tuple[dict[str, Any] | None, dict[str, Any], list[str]]:
+    """Read and check one step directory.  Returns (manifest, {file: loaded content}, problems).
+
+    Every file's size and sha256 are always checked; they cover every byte of every tensor.
+    The per-tensor sha256s are then checked only where they add something: when a file's
+    hash does not match (to name the damaged tensors), or with ``full=True``
+    (:func:`verify_checkpoint`).  Hashing each byte once, not twice, halves the load cost.
+    """
     from safetensors.numpy import load as st_load
 
     manifest, problems = _read_manifest(path)
     if manifest is None or problems:
         return manifest, {}, problems
     loaded: dict[str, Any] = {}
-    for fname, meta in sorted(manifest["files"].items()):
-        fpath = path / fname
-        if not fpath.is_file():
-            problems.append(f"{fname}: missing")
-            continue
-        data = fpath.read_bytes()
-        size_bad = len(data) != meta.get("bytes")
-        if size_bad:
-            problems.append(f"{fname}: {len(data)} bytes, expected {meta.get('bytes')} (truncated or altered)")
-        elif hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-            problems.append(f"{fname}: sha256 mismatch (content altered or damaged)")
-        if fname.endswith(".safetensors"):
-            file_ok = not problems or not problems[-1].startswith(f"{fname}:")
-            if want is not None and fname.removesuffix(".safetensors") not in want and file_ok:
-                continue  # hash-checked; parse only groups asked for (or damaged ones, to name tensors)
+    pool = ThreadPoolExecutor(max_workers=1)  # hashes a file while the main thread parses it
+    try:
+        for fname, meta in sorted(manifest["files"].items()):
+            _check_file(path, fname, meta, manifest, want, full, pool, st_load, loaded, problems)
+    finally:
+        pool.shutdown()
+    return manifest, loaded, problems
+
+
+def _check_file(
+    path: Path,
+    fname: str,
+    meta: Mapping[str, Any],
+    manifest: Mapping[str, Any],
+    want: set[str] | None,
+    full: bool,
+    pool: ThreadPoolExecutor,
+    st_load: Any,
+    loaded: dict[str, Any],
+    problems: list[str],
+) -> None:
+    fpath = path / fname
+    if not fpath.is_file():
+        problems.append(f"{fname}: missing")
+        return
+    data = fpath.read_bytes()
+    size_bad = len(data) != meta.get("bytes")
+    if size_bad:
+        problems.append(f"{fname}: {len(data)} bytes, expected {meta.get('bytes')} (truncated or altered)")
+        digest = None
+    else:
+        digest = pool.submit(_sha256_hex, data)
+    if fname.endswith(".safetensors"):
+        wanted = want is None or fname.removesuffix(".safetensors") in want
+        arrays, parse_error = None, None
+        if wanted:  # parse while the hash runs (hashlib releases the GIL)
             try:
                 arrays = st_load(data)
             except Exception as e:  # safetensors raises its own error types
-                problems.append(f"{fname}: cannot be parsed as safetensors ({e})")
-                continue
-            expected = manifest["tensors"].get(fname, {})
-            for name in sorted(set(expected) | set(arrays)):
-                if name not in arrays:
-                    problems.append(f"{fname}: tensor {name!r} missing")
-                elif name not in expected:
-                    problems.append(f"{fname}: tensor {name!r} not in the manifest")
-                else:
-                    a, e = arrays[name], expected[name]
-                    if a.dtype.name != e["dtype"] or list(a.shape) != e["shape"]:
-                        problems.append(
-                            f"{fname}: tensor {name!r} is {a.dtype.name}{list(a.shape)}, "
-                            f"manifest says {e['dtype']}{e['shape']}"
-                        )
-                    elif _tensor_sha256(a) != e["sha256"]:
-                        problems.append(f"{fname}: tensor {name!r} sha256 mismatch (content altered or damaged)")
-            loaded[fname] = arrays
-        elif fname == STATE_JSON and not size_bad:
+                parse_error = e
+        if digest is not None and digest.result() != meta.get("sha256"):
+            problems.append(f"{fname}: sha256 mismatch (content altered or damaged)")
+        file_ok = not problems or not problems[-1].startswith(f"{fname}:")
+        check_tensors = full or not file_ok
+        if not wanted and file_ok:
+            return  # hash-checked; parse only groups asked for (or damaged ones, to name tensors)
+        if arrays is None and parse_error is None:
             try:
-                loaded[fname] = json.loads(data)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                problems.append(f"{fname}: cannot be parsed ({e})")
-    return manifest, loaded, problems
+                arrays = st_load(data)
+            except Exception as e:  # safetensors raises its own error types
+                parse_error = e
+        if parse_error is not None:
+            problems.append(f"{fname}: cannot be parsed as safetensors ({parse_error})")
+            return
+        assert arrays is not None
+        expected = manifest["tensors"].get(fname, {})
+        for name in sorted(set(expected) | set(arrays)):
+            if name not in arrays:
+                problems.append(f"{fname}: tensor {name!r} missing")
+            elif name not in expected:
+                problems.append(f"{fname}: tensor {name!r} not in the manifest")
+            else:
+                a, e = arrays[name], expected[name]
+                if a.dtype.name != e["dtype"] or list(a.shape) != e["shape"]:
+                    problems.append(
+                        f"{fname}: tensor {name!r} is {a.dtype.name}{list(a.shape)}, "
+                        f"manifest says {e['dtype']}{e['shape']}"
+                    )
+                elif check_tensors and _tensor_sha256(a) != e["sha256"]:
+                    problems.append(f"{fname}: tensor {name!r} sha256 mismatch (content altered or damaged)")
+        loaded[fname] = arrays
+        return
+    if digest is not None and digest.result() != meta.get("sha256"):
+        problems.append(f"{fname}: sha256 mismatch (content altered or damaged)")
+    if fname == STATE_JSON and not size_bad:
+        try:
+            loaded[fname] = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            problems.append(f"{fname}: cannot be parsed ({e})")
 
 
 def verify_checkpoint(path: str | os.PathLike[str]) -> list[str]:
@@ -575,7 +639,7 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> list[str]:
     p = Path(path)
     if not p.is_dir():
         return [f"{p} is not a directory"]
-    _m, _l, problems = _load_dir(p, want=None)
+    _m, _l, problems = _load_dir(p, want=None, full=True)
     return sorted(problems)
 
 
