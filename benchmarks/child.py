@@ -122,7 +122,10 @@ def p3_anchor(p: dict[str, Any]) -> dict[str, Any]:
     (``init``) -> ``jax2onnx.to_onnx`` with symbolic dims to a file; one onnxruntime
     session per file, run at every batch size of the sweep.  No reference runs, no
     comparison, no bundle: what a user's own script does before checking anything.
-    Timed as a whole process by the caller (imports included, as for ours).
+    Timed as a whole process by the caller (imports included, as for ours).  ``cases``
+    (model -> framework -> list of dims) makes the onnxruntime runs the very cases our
+    sweep ran (read from our bundles' manifests); default: each batch size at the
+    registry's default dims.
     """
     import numpy as np
     import onnxruntime as ort
@@ -191,8 +194,10 @@ def p3_anchor(p: dict[str, Any]) -> dict[str, Any]:
             files.append((f, True))
         for f, narrow in files:
             sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
-            for b in batches:
-                x = spec.example_inputs({**spec.dims, "batch": b}, seed=0)
+            fw = "flax" if narrow else "torch"
+            cases = (p.get("cases") or {}).get(name, {}).get(fw) or [{**spec.dims, "batch": b} for b in batches]
+            for dims in cases:
+                x = spec.example_inputs(dims, seed=0)
                 if narrow:
                     x = {k: (v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in x.items()}
                 sess.run(None, x)
@@ -398,6 +403,12 @@ def p4_model(p: dict[str, Any]) -> dict[str, Any]:
     asleep.
     """
     threads = int(p.get("threads", 1))
+    if threads == 1 and hasattr(os, "sched_setaffinity"):
+        # One core for the whole process, set before any runtime starts its thread pool:
+        # XLA's CPU client keeps a second thread busy even with its Eigen pool disabled
+        # (measured: 1.95 CPU-seconds per second on a matmul), so thread settings alone
+        # do not give every runtime the same budget.  Pinning does.
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     import numpy as np
     import torch
 
@@ -453,6 +464,7 @@ def p4_model(p: dict[str, Any]) -> dict[str, Any]:
         runners["onnxruntime (flax export)"] = lambda x, s=sess_f: s.run(None, x)
         pairs["flax"] = ("onnxruntime (flax export)", "jax.jit")
     settings["torch_num_threads"] = torch.get_num_threads()
+    settings["cpus"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     settings["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     rounds = int(p.get("rounds", 5))
     budget = float(p.get("budget", 0.1))

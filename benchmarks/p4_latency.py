@@ -11,10 +11,12 @@ ones a bundle records in its manifest): graph optimisation level "all", sequenti
 execution, no spinning.  Each call includes numpy in / numpy out on every side.  Other
 dynamic dims stay at the registry defaults (e.g. seq 16 for minilm).
 
-Thread budgets are equal on both sides: the primary figures give every runtime one
-intra-op thread (``torch.set_num_threads(1)``, ``intra_op_num_threads=1``, XLA's Eigen
-pool off), which is also what survives a loaded shared machine; the full run adds the
-runtimes' own defaults as a second set of figures.
+Thread budgets are equal on both sides: the primary figures pin the whole process to one
+core (``sched_setaffinity``) and give every runtime one intra-op thread
+(``torch.set_num_threads(1)``, ``intra_op_num_threads=1``, XLA's Eigen pool off; XLA
+still runs a second thread, which the pinning keeps on the same core), which is also
+what survives a loaded shared machine; the full run adds the runtimes' own defaults on
+all cores as a second set of figures.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def _models(cfg: Any) -> list[str]:
     return [n for n in builtin if n in ("mlp", "transformer")] if cfg.quick else builtin
 
 
-def run(cfg: Any) -> list[dict[str, Any]]:
+def run(cfg: Any) -> dict[str, Any]:
     figs: list[dict[str, Any]] = []
+    notes: list[str] = []
     configs = [("1 thread", 1)] + ([] if cfg.quick else [("default threads", 0)])
     for label, threads in configs:
         env = ONE_THREAD_ENV if threads == 1 else {"OMP_NUM_THREADS": None, "XLA_FLAGS": None}
@@ -57,6 +60,12 @@ def run(cfg: Any) -> list[dict[str, Any]]:
                 },
                 env=env,
             )
+            if model == _models(cfg)[0]:
+                st = r["settings"]
+                notes.append(
+                    f"{label}: onnxruntime session {st['onnxruntime']}; torch threads {st['torch_num_threads']}; "
+                    f"XLA_FLAGS {st['xla_flags']!r}; CPUs {st['cpus']}"
+                )
             for fw, (ours_key, anchor_key) in r["pairs"].items():
                 for b, lat in r["latency"].items():
                     ours, anchor = lat[ours_key], lat[anchor_key]
@@ -71,8 +80,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
                             ratio_is="onnxruntime seconds per call / anchor seconds per call",
                             ours=summary(ours),
                             anchor_values=summary(anchor),
-                            notes=f"{label}; dims {r['dims'][b]}; onnxruntime {r['settings']['onnxruntime']}; "
-                            f"torch threads {r['settings']['torch_num_threads']}; XLA_FLAGS {r['settings']['xla_flags']!r}",
+                            notes=f"{label}{' (process pinned to one core)' if threads == 1 else ''}; dims {r['dims'][b]}",
                         )
                     )
-    return figs
+    return {"figures": figs, "notes": notes}

@@ -115,8 +115,9 @@ def run_group(gid: str, cfg: Config) -> dict[str, Any]:
         "load_average_before": load_before,
     }
     try:
-        figs = importlib.import_module(GROUPS[gid]).run(cfg)
-        result["figures"] = figs
+        got = importlib.import_module(GROUPS[gid]).run(cfg)  # a list of figures, or {"figures", "notes"}
+        result["figures"] = got["figures"] if isinstance(got, dict) else got
+        result["notes"] = list(got.get("notes", [])) if isinstance(got, dict) else []
         result["error"] = None
     except Exception as e:  # one group failing must not lose the others
         result["figures"] = []
@@ -172,6 +173,7 @@ def markdown(doc: dict[str, Any]) -> str:
         notes.append(f"- **{gid}** ({g['title']}; {'quick' if g['quick'] else 'full'} mode, {g['seconds']} s, {g['started']}; {load}).{noisy}")
         if g.get("error"):
             notes.append(f"  - error: `{g['error']}`")
+        notes += [f"  - {n}" for n in g.get("notes", [])]
         for f in g["figures"]:
             bits = [f"ratio = {f['ratio_is']}"]
             if f.get("notes"):

@@ -399,6 +399,15 @@ def export(
             if progress:
                 progress(f"[{k}/{total}] {spec.name}: ERROR {type(e).__name__}: {str(e).splitlines()[0]}")
             continue
+        # The checkpoint was loaded (and strictly checked) once up front; hand it to the first
+        # bundle as a loader so that build() holds the only reference and can free the
+        # weights before onnxruntime loads its copy; later frameworks reload it.
+        held = [canonical] if canonical is not None else []
+        canonical = None
+
+        def state_loader(spec: ModelSpec = spec, held: list[Any] = held) -> dict[str, np.ndarray]:
+            return held.pop() if held else _load_checkpoint(spec, checkpoint, rename)[0]  # type: ignore[arg-type]
+
         for fw in fws:
             k += 1
             if progress:
@@ -409,7 +418,7 @@ def export(
                     spec,
                     fw,
                     out_root / spec.name / fw,
-                    canonical=canonical,
+                    canonical=state_loader if checkpoint is not None else None,
                     checkpoint=ckpt_info,
                     initial_state=seeded,
                     opset=opset,

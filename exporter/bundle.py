@@ -20,11 +20,12 @@ torch or jax.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -273,34 +274,12 @@ def _onnx_output_shapes(path: Path) -> dict[str, list[Any]]:
 
 
 # --------------------------------------------------------------------------- build
-def _recording(inner: Runtime) -> Any:
-    """Wrap the reference runtime so the sweep's inputs and reference outputs can be saved as test data."""
-    from runtimes.base import Runtime
-
-    class Recording(Runtime):
-        name = inner.name
-        artifact_kind = inner.artifact_kind
-
-        def __init__(self) -> None:
-            self.inputs = inner.inputs
-            self.outputs = inner.outputs
-            self.source = inner.source
-            self.calls: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
-
-        def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            out = inner.run(inputs)
-            self.calls.append((dict(inputs), dict(out)))
-            return out
-
-    return Recording()
-
-
 def build(
     spec: ModelSpec,
     framework: str,
     bundle_dir: str | os.PathLike[str],
     *,
-    canonical: Mapping[str, np.ndarray] | None = None,
+    canonical: Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]] | None = None,
     checkpoint: Mapping[str, Any] | None = None,
     initial_state: Mapping[str, np.ndarray] | None = None,
     opset: int | None = None,
@@ -335,7 +314,9 @@ def build(
         spec: the registry entry.
         framework: ``"torch"`` or ``"flax"``.
         bundle_dir: the final bundle directory (replaced if it exists).
-        canonical: canonical state from a checkpoint (then ``checkpoint`` describes it).
+        canonical: canonical state from a checkpoint (then ``checkpoint`` describes it), or
+            a zero-argument loader returning it (so that only ``build`` holds the arrays
+            and can free them before onnxruntime loads its copy).
         checkpoint: ``{"path", "format", "sha256"}`` of the checkpoint file.
         initial_state: the seeded state to save when there is no checkpoint (default:
             ``rebuild.init_state(spec, seed, framework)``); lets the torch and flax bundles
@@ -376,9 +357,12 @@ def build(
             seeded = dict(initial_state) if initial_state is not None else rebuild.init_state(spec, seed=seed, framework=framework)
             state_path = tmp / STATE_FILE
             state_io.save_state(seeded, state_path, metadata=_state_metadata(spec.name, seed))
+            seeded = None  # the copy read back from the file is the one used (and freed below)
             canonical, _ = rebuild.prepare_state(spec, state_io.load_state(state_path), strict=True, source=str(final / STATE_FILE))
             ckpt = {"path": STATE_FILE, "format": "safetensors", "sha256": sha256_file(state_path), "seeded": True, "seed": seed}
         else:
+            if callable(canonical):  # a loader: build then holds the only reference (freed below)
+                canonical = canonical()
             ckpt = {"seeded": False, **dict(checkpoint or {})}
         seconds["state"] = time.perf_counter() - t0
 
@@ -413,32 +397,36 @@ def build(
         if exported.log:
             atomic.write_text(tmp / EXPORT_LOG, exported.log)
 
-        # 4. parity sweep
+        # 4. parity sweep: the framework runs every case first and is then freed, so that
+        # onnxruntime's copy of the weights is not held beside the framework's (peak memory
+        # of large exports: about 1x the weights instead of 2x).
         t = time.perf_counter()
         from runtimes.onnxruntime import OnnxRuntime
 
+        runs = parity.plan_runs(spec, cases=cases, seed=seed, inputs=inputs)
+        expected = [reference.run(feed) for _label, _dims, feed in runs]
+        reference_name = reference.name
+        reference.close()
+        del reference, built, probe
+        canonical = None
+        gc.collect()
         candidate = OnnxRuntime(onnx_path, intra_op_threads=intra_op_threads)
-        recorder = _recording(reference)
-        report = parity.check(
-            spec, recorder, candidate, cases=cases, seed=seed, atol=atol, rtol=rtol, inputs=inputs, framework=framework
+        report = parity.check_runs(
+            spec, runs, expected, candidate, reference=reference_name, seed=seed, atol=atol, rtol=rtol, framework=framework
         )
         seconds["parity"] = time.perf_counter() - t
 
         # 5. files
-        calls = recorder.calls
-        labels = report.cases
-        assert len(calls) == len(labels), (len(calls), labels)
-        dims_by_case = {c.case: c.dims for c in report.checks}
         sets = []
-        for k, ((feed, expected), label) in enumerate(zip(calls, labels)):
+        for k, ((label, dims, feed), out) in enumerate(zip(runs, expected)):
             name = f"{TEST_DATA_PREFIX}{k}"
             ordered_in = {t.name: feed[t.name] for t in spec.inputs}
-            ordered_out = {o: expected[o] for o in spec.outputs}
+            ordered_out = {o: out[o] for o in spec.outputs}
             write_test_data(tmp / name, ordered_in, ordered_out)
-            sets.append({"dir": name, "case": label, "dims": dict(dims_by_case.get(label, {}))})
+            sets.append({"dir": name, "case": label, "dims": dict(dims)})
         atomic.write_text(tmp / PARITY_JSON, report.to_json())
         atomic.write_text(tmp / PARITY_JUNIT, report.to_junit_xml())
-        first_out = calls[0][1] if calls else {}
+        first_out = expected[0] if expected else {}
         ins, outs = _tensor_specs(spec, first_out, _onnx_output_shapes(onnx_path))
         onnx_sha = sha256_file(onnx_path)
         onnx_info: dict[str, Any] = {"file": ONNX_FILE, "sha256": onnx_sha, "bytes": onnx_path.stat().st_size, "external_data": None}
@@ -484,7 +472,6 @@ def build(
         }
         atomic.write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n")
         candidate.close()
-        reference.close()
     return BundleResult(
         model=spec.name,
         framework=framework,

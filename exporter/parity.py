@@ -68,6 +68,8 @@ __all__ = [
     "load_inputs",
     "run_and_compare",
     "check",
+    "check_runs",
+    "plan_runs",
 ]
 
 #: Batch sizes of the default sweep: 1 and 2 (the usual export shapes), 7 (odd, catches a
@@ -808,6 +810,82 @@ def run_and_compare(
 _FRAMEWORK_OF = {"torch": "torch", "jax": "flax", "flax": "flax"}
 
 
+Run = tuple[str, dict[str, int], dict[str, np.ndarray]]
+"""One case of a check: (label, dims, inputs)."""
+
+
+def plan_runs(
+    spec: ModelSpec,
+    *,
+    cases: Sequence[Mapping[str, int]] | None = None,
+    seed: int = 0,
+    inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
+) -> list[Run]:
+    """The cases a check runs, with their seeded inputs (see :func:`check` for the arguments).
+
+    Raises:
+        UsageError: bad cases or user inputs; nothing to compare.
+    """
+    runs: list[Run] = []
+    case_dims = sweep_cases(spec) if cases is None else [_complete_case(spec, c) for c in cases]
+    for dims in case_dims:
+        runs.append((case_label(dims), dims, spec.example_inputs(dims, seed=seed)))
+    if inputs is not None:
+        if isinstance(inputs, (str, os.PathLike)):
+            arrays = load_inputs(inputs, spec)
+            label = Path(inputs).name
+        else:
+            arrays = {k: np.asarray(v) for k, v in inputs.items()}
+            label = "user inputs"
+        runs.append((label, _check_user_inputs(spec, arrays, label), arrays))
+    if not runs:
+        raise UsageError(f"nothing to compare for model {spec.name!r}: no cases and no inputs given")
+    return runs
+
+
+def check_runs(
+    spec: ModelSpec,
+    runs: Sequence[Run],
+    expected: Sequence[Mapping[str, np.ndarray]],
+    candidate: Runtime,
+    *,
+    reference: str,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+    output_tolerances: Mapping[str, Any] | None = None,
+    framework: str | None = None,
+) -> ParityReport:
+    """Compare ``candidate`` with reference outputs computed earlier (one per run).
+
+    Lets a caller run the framework over every case, free it, and only then load the
+    candidate, so a large model's weights are not held twice.
+
+    Args:
+        spec, seed, atol, rtol, output_tolerances, framework: as :func:`check`.
+        runs: from :func:`plan_runs`.
+        expected: the reference's outputs for each run, in order.
+        candidate: the runtime under test.
+        reference: the reference runtime's name (recorded in the report).
+
+    Returns:
+        The report.
+    """
+    assert len(runs) == len(expected), (len(runs), len(expected))
+    tol = tolerance_for(spec, atol=atol, rtol=rtol, output_tolerances=output_tolerances)
+    checks: list[OutputCheck] = []
+    for (label, dims, feed), want in zip(runs, expected):
+        checks += run_and_compare(candidate, feed, dict(want), tol, case=label, dims=dims)
+    return ParityReport(
+        model=spec.name,
+        framework=framework or _FRAMEWORK_OF.get(reference, reference),
+        reference=reference,
+        candidate=candidate.name,
+        checks=tuple(checks),
+        seed=seed,
+    )
+
+
 def check(
     spec: ModelSpec,
     reference: Runtime,
@@ -839,30 +917,10 @@ def check(
     Raises:
         UsageError: bad tolerances, cases or user inputs; nothing to compare.
     """
-    tol = tolerance_for(spec, atol=atol, rtol=rtol, output_tolerances=output_tolerances)
-    runs: list[tuple[str, dict[str, int], dict[str, np.ndarray]]] = []
-    case_dims = sweep_cases(spec) if cases is None else [_complete_case(spec, c) for c in cases]
-    for dims in case_dims:
-        runs.append((case_label(dims), dims, spec.example_inputs(dims, seed=seed)))
-    if inputs is not None:
-        if isinstance(inputs, (str, os.PathLike)):
-            arrays = load_inputs(inputs, spec)
-            label = Path(inputs).name
-        else:
-            arrays = {k: np.asarray(v) for k, v in inputs.items()}
-            label = "user inputs"
-        runs.append((label, _check_user_inputs(spec, arrays, label), arrays))
-    if not runs:
-        raise UsageError(f"nothing to compare for model {spec.name!r}: no cases and no inputs given")
-    checks: list[OutputCheck] = []
-    for label, dims, feed in runs:
-        expected = reference.run(feed)
-        checks += run_and_compare(candidate, feed, expected, tol, case=label, dims=dims)
-    return ParityReport(
-        model=spec.name,
-        framework=framework or _FRAMEWORK_OF.get(reference.name, reference.name),
-        reference=reference.name,
-        candidate=candidate.name,
-        checks=tuple(checks),
-        seed=seed,
-    )
+    tolerance_for(spec, atol=atol, rtol=rtol, output_tolerances=output_tolerances)  # validate first
+    runs = plan_runs(spec, cases=cases, seed=seed, inputs=inputs)
+    expected = [reference.run(feed) for _label, _dims, feed in runs]
+    return check_runs(
+        spec, runs, expected, candidate, reference=reference.name, seed=seed, atol=atol, rtol=rtol,
+        output_tolerances=output_tolerances, framework=framework,
+    )  # fmt: skip

@@ -319,3 +319,22 @@ def test_flax_int64_inputs_keep_their_dtype(exported) -> None:
         for vi, t in zip(m.graph.input, spec.inputs):
             want = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
             assert vi.type.tensor_type.elem_type == want, (model, vi.name)
+
+
+def test_onnxscript_matchers_do_not_keep_the_exported_graph(tmp_path: Path) -> None:
+    # Workaround for an onnxscript 0.7 leak (exporter.onnx_export._release_onnxscript_matchers):
+    # after a torch export no pattern matcher may still reference a graph (whose initializers
+    # wrap the module's weights).
+    import gc
+
+    from onnxscript.rewriter import _matcher
+
+    from exporter import rebuild
+
+    spec = registry.get("mlp")
+    module = rebuild.torch_module(spec, rebuild.init_state(spec))
+    onnx_export.export_torch(spec, module, tmp_path / "m.onnx")
+    held = [o for o in gc.get_objects() if issubclass(type(o), _matcher.SimplePatternMatcher) and getattr(o, "_graph", None) is not None]
+    assert not held
+    matchers = [o for o in gc.get_objects() if issubclass(type(o), _matcher.SimplePatternMatcher)]
+    assert matchers, "onnxscript no longer has SimplePatternMatcher objects: re-check whether the workaround is still needed"
