@@ -274,6 +274,9 @@ def _onnx_output_shapes(path: Path) -> dict[str, list[Any]]:
 
 
 # --------------------------------------------------------------------------- build
+_COLLECT_ABOVE = 256 << 20  # bytes of weights above which the framework's copy is collected before onnxruntime loads
+
+
 def build(
     spec: ModelSpec,
     framework: str,
@@ -409,7 +412,8 @@ def build(
         reference.close()
         del reference, built, probe
         canonical = None
-        gc.collect()
+        if exported.weights_bytes >= _COLLECT_ABOVE:  # a full collection costs ~0.2 s; worth it only for big weights
+            gc.collect()
         candidate = OnnxRuntime(onnx_path, intra_op_threads=intra_op_threads)
         report = parity.check_runs(
             spec, runs, expected, candidate, reference=reference_name, seed=seed, atol=atol, rtol=rtol, framework=framework
