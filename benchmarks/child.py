@@ -133,7 +133,7 @@ def p3_anchor(p: dict[str, Any]) -> dict[str, Any]:
 
     import jax
     import jax2onnx
-    from models import registry
+    from exporter.models import registry
 
     out = Path(p["dir"])
     opset = int(p.get("opset", 20))
@@ -417,8 +417,8 @@ def p4_model(p: dict[str, Any]) -> dict[str, Any]:
     import jax
 
     from exporter import onnx_export, rebuild
-    from models import registry
-    from runtimes.onnxruntime import OnnxRuntime
+    from exporter.models import registry
+    from exporter.runtimes.onnxruntime import OnnxRuntime
 
     spec = registry.get(p["model"])
     frameworks = [f for f in p.get("frameworks", ["torch", "flax"]) if f in spec.frameworks]

@@ -6,7 +6,7 @@ Per registry model, one fresh process exports it from both frameworks with
 * onnxruntime on the torch export   vs  the torch build, eager, under ``inference_mode``;
 * onnxruntime on the flax export    vs  ``jax.jit`` of the flax build's ``apply``.
 
-onnxruntime runs with the session settings of ``runtimes.onnxruntime.OnnxRuntime`` (the
+onnxruntime runs with the session settings of ``exporter.runtimes.onnxruntime.OnnxRuntime`` (the
 ones a bundle records in its manifest): graph optimisation level "all", sequential
 execution, no spinning.  Each call includes numpy in / numpy out on every side.  Other
 dynamic dims stay at the registry defaults (e.g. seq 16 for minilm).
@@ -33,7 +33,7 @@ ONE_THREAD_ENV: dict[str, str | None] = {
 
 
 def _models(cfg: Any) -> list[str]:
-    from models import registry
+    from exporter.models import registry
 
     builtin = [n for n in registry.names() if not n.startswith("bench_")]
     return [n for n in builtin if n in ("mlp", "transformer")] if cfg.quick else builtin

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from exporter.layouts import Dense
-from models import registry
-from models.registry import ModelSpec, TensorSpec
+from exporter.models import registry
+from exporter.models.registry import ModelSpec, TensorSpec
 
 
 def name(width: int, depth: int) -> str:

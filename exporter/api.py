@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from exporter.bundle import BundleResult
     from exporter.parity import ParityReport
-    from models.registry import ModelSpec
+    from exporter.models.registry import ModelSpec
 
 __all__ = [
     "FRAMEWORKS",
@@ -86,7 +86,7 @@ def list_models() -> list[ModelInfo]:
 
     Imports neither torch nor jax.
     """
-    from models import registry
+    from exporter.models import registry
 
     out = []
     for spec in registry.specs():
@@ -224,7 +224,7 @@ def merge_junit(reports: Sequence[ParityReport], errors: Sequence[ExportFailure]
 
 
 def _resolve_models(model: str | Sequence[str] | None, all_models: bool) -> list[ModelSpec]:
-    from models import registry
+    from exporter.models import registry
 
     if all_models:
         if model:
@@ -560,7 +560,7 @@ def convert(
     arrays: dict[str, Any] = dict(raw)
     if model is not None:
         from exporter import layouts, rebuild
-        from models import registry
+        from exporter.models import registry
 
         spec = registry.get(model)
         canonical, _ = rebuild.prepare_state(spec, raw, strict=True, rename=rename, source=str(src_p))

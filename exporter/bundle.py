@@ -38,8 +38,8 @@ from exporter.errors import UsageError, format_problems
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.parity import OutputCheck, ParityReport
-    from models.registry import ModelSpec
-    from runtimes.base import Runtime
+    from exporter.models.registry import ModelSpec
+    from exporter.runtimes.base import Runtime
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -372,12 +372,12 @@ def build(
         # 2. rebuild + reference runtime
         t = time.perf_counter()
         if framework == "torch":
-            from runtimes.torch import TorchRuntime
+            from exporter.runtimes.torch import TorchRuntime
 
             built: Any = rebuild.torch_module(spec, canonical)
             reference: Runtime = TorchRuntime.from_module(spec, built)
         else:
-            from runtimes.jax import JaxRuntime
+            from exporter.runtimes.jax import JaxRuntime
 
             built = rebuild.flax_variables(spec, canonical)
             reference = JaxRuntime.from_variables(spec, built)
@@ -404,7 +404,7 @@ def build(
         # onnxruntime's copy of the weights is not held beside the framework's (peak memory
         # of large exports: about 1x the weights instead of 2x).
         t = time.perf_counter()
-        from runtimes.onnxruntime import OnnxRuntime
+        from exporter.runtimes.onnxruntime import OnnxRuntime
 
         runs = parity.plan_runs(spec, cases=cases, seed=seed, inputs=inputs)
         expected = [reference.run(feed) for _label, _dims, feed in runs]
@@ -533,8 +533,8 @@ def verify(
         MissingDependencyError: the runtime is not installed.
     """
     from exporter import parity
-    from models.registry import DEFAULT_TOLERANCES, Tolerance
-    from runtimes.base import load_runtime
+    from exporter.models.registry import DEFAULT_TOLERANCES, Tolerance
+    from exporter.runtimes.base import load_runtime
 
     d = find_bundles(bundle)
     if len(d) != 1:

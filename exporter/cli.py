@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="MODULE",
         default=argparse.SUPPRESS,
-        help="import MODULE (it calls models.registry.register) before running; repeatable or comma-separated",
+        help="import MODULE (it calls exporter.models.registry.register) before running; repeatable or comma-separated",
     )
     parser = argparse.ArgumentParser(
         prog="exporter",
@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         registries = getattr(args, "registry", None)
         if registries:
-            from models.registry import load_plugins
+            from exporter.models.registry import load_plugins
 
             load_plugins([m.strip() for r in registries for m in r.split(",") if m.strip()])
         return _COMMANDS[args.command](args, out, err)

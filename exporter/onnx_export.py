@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from exporter.errors import ExportError, MissingDependencyError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from models.registry import ModelSpec
+    from exporter.models.registry import ModelSpec
 
 __all__ = [
     "DEFAULT_OPSET",

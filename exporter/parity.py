@@ -52,8 +52,8 @@ import numpy as np
 from exporter.errors import ParityError, UsageError, format_problems
 
 if TYPE_CHECKING:  # pragma: no cover
-    from models.registry import ModelSpec, Tolerance
-    from runtimes.base import Runtime
+    from exporter.models.registry import ModelSpec, Tolerance
+    from exporter.runtimes.base import Runtime
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",
@@ -571,7 +571,7 @@ def compare(
 
 
 def _as_tolerance(value: Any, what: str) -> Tolerance:
-    from models.registry import Tolerance
+    from exporter.models.registry import Tolerance
 
     if isinstance(value, Tolerance):
         tol = value
@@ -615,7 +615,7 @@ def tolerance_for(
         UsageError: a negative/non-finite tolerance, or an override for an output the
             model does not have.
     """
-    from models.registry import DEFAULT_TOLERANCES, Tolerance
+    from exporter.models.registry import DEFAULT_TOLERANCES, Tolerance
 
     if atol is not None:
         _check_nonneg(atol, "atol")
@@ -754,7 +754,7 @@ def load_inputs(path: str | os.PathLike[str], spec: ModelSpec | None = None) -> 
 
 
 def _check_user_inputs(spec: ModelSpec, arrays: Mapping[str, Any], source: str) -> dict[str, int]:
-    from runtimes.base import IOSpec, check_arrays
+    from exporter.runtimes.base import IOSpec, check_arrays
 
     _, problems = check_arrays([IOSpec.from_tensor_spec(t) for t in spec.inputs], arrays)
     if problems:

@@ -21,7 +21,7 @@ from exporter import layouts
 from exporter.errors import MissingDependencyError, StateMismatchError, UsageError, format_problems
 
 if TYPE_CHECKING:  # pragma: no cover
-    from models.registry import ModelSpec
+    from exporter.models.registry import ModelSpec
 
 __all__ = [
     "STRIP_PREFIXES",

@@ -48,7 +48,7 @@ from exporter import checkpoint as ckpt
 from exporter.errors import CheckpointError, UsageError, format_problems
 
 if TYPE_CHECKING:  # pragma: no cover
-    from models.registry import ModelSpec
+    from exporter.models.registry import ModelSpec
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -505,7 +505,7 @@ def train(
         CheckpointCorruptError: the directory holds step directories but none is valid.
         MissingDependencyError: the framework is not installed.
     """
-    from models import registry
+    from exporter.models import registry
 
     spec = registry.get(model) if isinstance(model, str) else model
     cfg = TrainConfig(seed=seed, batch_size=batch_size, dataset_size=dataset_size, lr=lr)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.layouts import BatchNorm, Conv, Dense
-from models.registry import ModelSpec, TensorSpec, register
+from exporter.models.registry import ModelSpec, TensorSpec, register
 
 C1, C2, CLASSES = 8, 16, 10
 BN_EPS = 1e-5  # torch default; flax's default is also 1e-5 but we say it explicitly

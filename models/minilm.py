@@ -41,7 +41,7 @@ import numpy as np
 
 from exporter.errors import MissingDependencyError, UsageError
 from exporter.layouts import Attention, Dense, Embedding, LayerNorm, Rule
-from models.registry import ModelSpec, TensorSpec, register
+from exporter.models.registry import ModelSpec, TensorSpec, register
 
 __all__ = [
     "SPEC",

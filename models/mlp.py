@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.layouts import Dense
-from models.registry import ModelSpec, TensorSpec, register
+from exporter.models.registry import ModelSpec, TensorSpec, register
 
 IN_FEATURES = 20
 HIDDEN = 256

@@ -8,7 +8,7 @@ Builds are factories that import torch / flax lazily, so importing the registry 
 
 Users register their own architectures from their own module::
 
-    from models.registry import ModelSpec, TensorSpec, register
+    from exporter.models.registry import ModelSpec, TensorSpec, register
     register(ModelSpec(name="mine", ...))
 
 and point exporter at it with ``python -m exporter --registry my_pkg.my_models ...`` or the
@@ -145,6 +145,18 @@ class ModelSpec:
         assert self.inputs and self.outputs, self.name
         assert "batch" in self.dims, f"{self.name}: dims must give a default batch size"
 
+    # -- builds -----------------------------------------------------------------------
+    def factory(self, framework: str) -> Callable[[], Any]:
+        """The build factory for ``framework`` (``"torch"`` or ``"flax"``).
+
+        Raises:
+            UsageError: the model has no build for ``framework``.
+        """
+        fn = {"torch": self.torch_factory, "flax": self.flax_factory}.get(framework)
+        if fn is None or framework not in self.frameworks:
+            raise UsageError(f"model {self.name!r} has no {framework} build (it has: {', '.join(self.frameworks) or 'none'})")
+        return fn
+
     # -- tolerances -------------------------------------------------------------------
     def tolerance(self, output: str | None = None, dtype: str = "float32") -> Tolerance:
         """The tolerance for ``output`` (per-output override, else per-dtype)."""
@@ -195,7 +207,7 @@ class ModelSpec:
 
 _REGISTRY: dict[str, ModelSpec] = {}
 _BUILTINS_LOADED = False
-_BUILTIN_MODULES = ("models.mlp", "models.cnn", "models.transformer", "models.minilm")
+_BUILTIN_MODULES = ("exporter.models.mlp", "exporter.models.cnn", "exporter.models.transformer", "exporter.models.minilm")
 
 
 def register(spec: ModelSpec) -> ModelSpec:
@@ -243,7 +255,7 @@ def load_plugins(modules: str | list[str] | tuple[str, ...]) -> None:
         except ImportError as e:
             raise UsageError(
                 f"registry module {mod!r} cannot be imported ({e}); it must be importable from the "
-                "current directory or PYTHONPATH and call models.registry.register(...)"
+                "current directory or PYTHONPATH and call exporter.models.registry.register(...)"
             ) from e
 
 
@@ -255,7 +267,7 @@ def get(name: str) -> ModelSpec:
     except KeyError:
         raise UnknownModelError(
             f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY)) or '(none)'}. "
-            "Register your own with models.registry.register() and --registry MODULE"
+            "Register your own with exporter.models.registry.register() and --registry MODULE"
         ) from None
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from exporter.layouts import Dense, LayerNorm, PackedAttention
-from models.registry import ModelSpec, TensorSpec, register
+from exporter.models.registry import ModelSpec, TensorSpec, register
 
 D_MODEL, HEADS, D_MLP = 32, 4, 64
 LN_EPS = 1e-5

@@ -6,7 +6,7 @@ checks of what a caller passes in (names, dtypes, ranks, static dims, named dims
 agree across inputs) live here, once, so adapters cannot drift apart.
 
 Adapters import their framework inside their own module, and this module imports none of
-them: ``import runtimes.base`` stays cheap.  :func:`load_runtime` imports an adapter by
+them: ``import exporter.runtimes.base`` stays cheap.  :func:`load_runtime` imports an adapter by
 name from :data:`RUNTIMES`.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 from exporter.errors import MissingDependencyError, UsageError, format_problems
 
 if TYPE_CHECKING:  # pragma: no cover
-    from models.registry import ModelSpec, TensorSpec
+    from exporter.models.registry import ModelSpec, TensorSpec
 
 __all__ = [
     "IOSpec",
@@ -45,11 +45,11 @@ __all__ = [
 #: Runtime name -> ``"module:Class"``.  Adapters are imported only when asked for.
 RUNTIMES: Mapping[str, str] = MappingProxyType(
     {
-        "torch": "runtimes.torch:TorchRuntime",
-        "jax": "runtimes.jax:JaxRuntime",
-        "onnxruntime": "runtimes.onnxruntime:OnnxRuntime",
-        "reference": "runtimes.reference:ReferenceRuntime",
-        "node": "runtimes.node:NodeRuntime",
+        "torch": "exporter.runtimes.torch:TorchRuntime",
+        "jax": "exporter.runtimes.jax:JaxRuntime",
+        "onnxruntime": "exporter.runtimes.onnxruntime:OnnxRuntime",
+        "reference": "exporter.runtimes.reference:ReferenceRuntime",
+        "node": "exporter.runtimes.node:NodeRuntime",
     }
 )
 
@@ -255,7 +255,7 @@ def runtime_class(name: str) -> type[Runtime]:
             raise missing_dependency(top, f"runtime {key!r}") from e
         raise
     cls = getattr(module, cls_name, None)
-    if cls is None:  # e.g. only the runtimes/node/ data directory, without its adapter module
+    if cls is None:  # e.g. only the runtimes/js/ data directory, without its adapter module
         raise MissingDependencyError(
             f"runtime {key!r} is not available: {module_name!r} has no {cls_name}; reinstall exporter"
         )
@@ -289,7 +289,7 @@ def load_runtime(name: str, artifact: Any, **kwargs: Any) -> Runtime:
             )
         spec, state = artifact
         if isinstance(spec, str):
-            from models import registry
+            from exporter.models import registry
 
             spec = registry.get(spec)
         return cls(spec, state, **kwargs)

@@ -1,7 +1,7 @@
 """jax adapter: the registry's flax build, ``module.apply`` under ``jax.jit``.
 
 This module imports jax and flax at the top; it is itself imported only on demand (by
-``runtimes.base.load_runtime`` or directly), so ``import runtimes`` stays cheap.  One
+``exporter.runtimes.base.load_runtime`` or directly), so ``import runtimes`` stays cheap.  One
 compilation per distinct input shape (a sweep of four batch sizes compiles four times).
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from exporter.errors import UsageError
-from runtimes.base import Runtime, missing_dependency, spec_io
+from exporter.runtimes.base import Runtime, missing_dependency, spec_io
 
 try:
     import flax  # noqa: F401
@@ -22,7 +22,7 @@ except ImportError as e:  # pragma: no cover - exercised only without jax
     raise missing_dependency((e.name or "jax").split(".")[0], "runtime 'jax'") from e
 
 if TYPE_CHECKING:  # pragma: no cover
-    from models.registry import ModelSpec
+    from exporter.models.registry import ModelSpec
 
 __all__ = ["JaxRuntime"]
 

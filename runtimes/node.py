@@ -5,20 +5,20 @@ Node.js through ``onnxruntime-node`` (the package a JavaScript service would use
 Python compares its raw outputs with the same :func:`exporter.parity.compare` as every
 other runtime, so tolerances and exit codes are identical.
 
-How it works: :class:`NodeRuntime` starts ``node runtimes/node/run_bundle.js serve
-MODEL`` once (the session is created once), then for each :meth:`~runtimes.base.Runtime.run`
+How it works: :class:`NodeRuntime` starts ``node runtimes/js/run_bundle.js serve
+MODEL`` once (the session is created once), then for each :meth:`~exporter.runtimes.base.Runtime.run`
 writes the inputs as ONNX ``TensorProto`` files (``input_<i>.pb``, as in a bundle's
 ``test_data_set_<k>``), sends one JSON line on the child's stdin, and reads back
 ``output_<i>.pb`` files.  The JS program decodes TensorProto itself (onnxruntime-node has
-no parser for it; see ``runtimes/node/tensorproto.js``).
+no parser for it; see ``runtimes/js/tensorproto.js``).
 
 The same program verifies a bundle on its own, without Python (see :func:`node_verify`
-and ``node runtimes/node/run_bundle.js verify BUNDLE``).
+and ``node runtimes/js/run_bundle.js verify BUNDLE``).
 
 Requirements: Node.js >= 18 on ``PATH`` (or ``EXPORTER_NODE=/path/to/node``), and the npm
 package installed beside the program::
 
-    cd runtimes/node && npm ci --ignore-scripts
+    cd runtimes/js && npm ci --ignore-scripts
 
 (``--ignore-scripts``: onnxruntime-node's postinstall downloads GPU binaries and fails
 offline; the CPU binaries ship inside the package.)  ``EXPORTER_NODE_MODULES`` may point
@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from exporter.errors import MissingDependencyError, UsageError
-from runtimes.base import Runtime, onnx_io, onnx_path
+from exporter.runtimes.base import Runtime, onnx_io, onnx_path
 
 __all__ = [
     "NodeRuntime",
@@ -57,7 +57,7 @@ __all__ = [
     "node_verify",
 ]
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
+NODE_DIR = Path(__file__).resolve().parent / "js"
 SCRIPT = NODE_DIR / "run_bundle.js"
 PACKAGE = "onnxruntime-node"
 PACKAGE_VERSION = "1.30.0"
@@ -199,7 +199,7 @@ class NodeRuntime(Runtime):
     Args:
         path: the ``.onnx`` file (external data is read from beside it).
         intra_op_threads: threads per operator (``None``: onnxruntime's default); the
-            keyword matches :class:`runtimes.onnxruntime.OnnxRuntime`.
+            keyword matches :class:`exporter.runtimes.onnxruntime.OnnxRuntime`.
         timeout: seconds to wait for one run before the child is killed.
 
     Raises:
@@ -329,7 +329,7 @@ def node_verify(
 ) -> tuple[int, dict[str, Any]]:
     """Run the JS program's own ``verify`` on a bundle (Node does the comparison).
 
-    This is what a Node-only CI job runs (``node runtimes/node/run_bundle.js verify
+    This is what a Node-only CI job runs (``node runtimes/js/run_bundle.js verify
     BUNDLE``); ``exporter verify BUNDLE --runtime node`` instead uses :class:`NodeRuntime`
     and compares in Python.  Both apply the same rules and tolerances.
 

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from exporter.errors import MissingDependencyError, UsageError
-from runtimes.base import IOSpec, Runtime, onnx_path
+from exporter.runtimes.base import IOSpec, Runtime, onnx_path
 
 __all__ = ["OnnxRuntime", "OPTIMIZATION_LEVELS", "ORT_DTYPES"]
 

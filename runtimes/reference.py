@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from exporter.errors import UsageError
-from runtimes.base import Runtime, onnx_io, onnx_path
+from exporter.runtimes.base import Runtime, onnx_io, onnx_path
 
 __all__ = ["ReferenceRuntime"]
 

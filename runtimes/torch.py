@@ -1,7 +1,7 @@
 """torch adapter: the registry's torch build, eager, loaded with canonical state.
 
 This module imports torch at the top; it is itself imported only on demand (by
-``runtimes.base.load_runtime`` or directly), so ``import runtimes`` stays cheap.
+``exporter.runtimes.base.load_runtime`` or directly), so ``import runtimes`` stays cheap.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from runtimes.base import Runtime, missing_dependency, spec_io
+from exporter.runtimes.base import Runtime, missing_dependency, spec_io
 
 try:
     import torch  # noqa: F401
@@ -19,7 +19,7 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
     raise missing_dependency("torch", "runtime 'torch'") from e
 
 if TYPE_CHECKING:  # pragma: no cover
-    from models.registry import ModelSpec
+    from exporter.models.registry import ModelSpec
 
 __all__ = ["TorchRuntime"]
 

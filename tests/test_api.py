@@ -13,7 +13,7 @@ import pytest
 
 import exporter
 from exporter.errors import UnknownModelError, UsageError
-from models import registry
+from exporter.models import registry
 
 REPO = Path(__file__).resolve().parents[1]
 

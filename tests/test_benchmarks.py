@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from exporter import rebuild, state
-from models import registry
+from exporter.models import registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def _tiny_onnx(path: Path, *, external: bool) -> Path:
 
 def test_onnxruntime_prepacking_off_for_external_data(tmp_path: Path) -> None:
     from exporter.errors import UsageError
-    from runtimes.onnxruntime import OnnxRuntime
+    from exporter.runtimes.onnxruntime import OnnxRuntime
 
     ext = _tiny_onnx(tmp_path / "ext.onnx", external=True)
     inline = _tiny_onnx(tmp_path / "inline.onnx", external=False)

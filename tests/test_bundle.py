@@ -16,7 +16,7 @@ import pytest
 
 from exporter import bundle
 from exporter.errors import UsageError
-from models import registry
+from exporter.models import registry
 
 MODELS = registry.names()
 PAIRS = [(m, fw) for m in MODELS for fw in registry.get(m).frameworks]
@@ -60,8 +60,8 @@ def test_bundle_layout(exported, model: str, framework: str) -> None:
 def test_test_data_outputs_are_the_original_frameworks(exported, model: str) -> None:
     """output_<i>.pb hold what torch / jax computed, not what onnxruntime did."""
     from exporter import state
-    from runtimes.jax import JaxRuntime
-    from runtimes.torch import TorchRuntime
+    from exporter.runtimes.jax import JaxRuntime
+    from exporter.runtimes.torch import TorchRuntime
 
     spec = registry.get(model)
     for fw, cls in (("torch", TorchRuntime), ("flax", JaxRuntime)):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from exporter.cli import main
-from models import registry
+from exporter.models import registry
 
 REPO = Path(__file__).resolve().parents[1]
 

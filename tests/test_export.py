@@ -14,7 +14,7 @@ import pytest
 
 from exporter import onnx_export
 from exporter.errors import ParityError, UsageError
-from models import registry
+from exporter.models import registry
 
 MODELS = registry.names()
 PAIRS = [(m, fw) for m in MODELS for fw in registry.get(m).frameworks]
@@ -138,9 +138,9 @@ def test_negative_control_perturbed_weight_fails(exported, tmp_path: Path, model
 @pytest.mark.parametrize("model", MODELS)
 def test_three_way_torch_flax_and_both_exports_agree(exported, model: str) -> None:
     from exporter import parity, state
-    from runtimes.jax import JaxRuntime
-    from runtimes.onnxruntime import OnnxRuntime
-    from runtimes.torch import TorchRuntime
+    from exporter.runtimes.jax import JaxRuntime
+    from exporter.runtimes.onnxruntime import OnnxRuntime
+    from exporter.runtimes.torch import TorchRuntime
 
     spec = registry.get(model)
     rt, rf = _result(exported, model, "torch"), _result(exported, model, "flax")
@@ -169,7 +169,7 @@ def test_three_way_torch_flax_and_both_exports_agree(exported, model: str) -> No
 
 # --------------------------------------------------------------------------- baked batch
 BAKED_MODULE = '''
-from models.registry import ModelSpec, TensorSpec, register
+from exporter.models.registry import ModelSpec, TensorSpec, register
 from exporter.layouts import Dense
 
 
@@ -233,8 +233,8 @@ def test_batch_baked_into_a_reshape_is_caught_by_the_sweep(baked_model: str, tmp
     """The TorchScript exporter keeps the batch input dynamic but bakes the trace's batch
     size into a Reshape constant: only sizes other than the export size reveal it."""
     from exporter import parity
-    from runtimes.onnxruntime import OnnxRuntime
-    from runtimes.torch import TorchRuntime
+    from exporter.runtimes.onnxruntime import OnnxRuntime
+    from exporter.runtimes.torch import TorchRuntime
 
     registry.load_plugins(baked_model)
     spec = registry.get("baked")

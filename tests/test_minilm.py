@@ -21,8 +21,8 @@ import pytest
 from conftest import skip_unless_ci
 
 from exporter.errors import MissingDependencyError
-from models import minilm
-from models.registry import get
+from exporter.models import minilm
+from exporter.models.registry import get
 
 SPEC = get("minilm")
 
@@ -61,9 +61,9 @@ def exports(canonical: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture(scope="session")
 def runtimes(canonical: dict[str, np.ndarray], exports: dict[str, Path]) -> dict[str, Any]:
-    from runtimes.jax import JaxRuntime
-    from runtimes.onnxruntime import OnnxRuntime
-    from runtimes.torch import TorchRuntime
+    from exporter.runtimes.jax import JaxRuntime
+    from exporter.runtimes.onnxruntime import OnnxRuntime
+    from exporter.runtimes.torch import TorchRuntime
 
     rts = {
         "torch": TorchRuntime(SPEC, canonical),
@@ -147,7 +147,7 @@ def test_example_inputs_look_like_padded_tokens() -> None:
 def test_exports_have_dynamic_batch_and_seq(exports: dict[str, Path]) -> None:
     import onnx
 
-    from runtimes.base import onnx_io
+    from exporter.runtimes.base import onnx_io
 
     for framework, path in exports.items():
         inputs, outputs = onnx_io(onnx.load(path, load_external_data=False))
@@ -220,7 +220,7 @@ def test_all_padding_row_gives_zeros(runtimes: dict[str, Any]) -> None:
 
 
 def test_node_runtime_runs_minilm(runtimes: dict[str, Any], exports: dict[str, Path]) -> None:
-    from runtimes import node
+    from exporter.runtimes import node
 
     try:
         node.check_available()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from exporter import layouts, rebuild
-from models import registry
+from exporter.models import registry
 
 pytest.importorskip("torch")
 pytest.importorskip("flax")

@@ -1,8 +1,8 @@
 """The ``node`` runtime: onnxruntime-node driven from Python, and the JS program's own verify.
 
 Uses a tiny hand-built ONNX model (no torch/jax needed) and bundle-shaped directories made
-here with ``onnx.numpy_helper``.  Needs Node.js and ``runtimes/node/node_modules``
-(``cd runtimes/node && npm ci --ignore-scripts``); without them the tests that run node
+here with ``onnx.numpy_helper``.  Needs Node.js and ``runtimes/js/node_modules``
+(``cd runtimes/js && npm ci --ignore-scripts``); without them the tests that run node
 skip with that command as the reason, while the missing-dependency tests always run.
 """
 
@@ -20,7 +20,7 @@ from conftest import skip_unless_ci
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.errors import MissingDependencyError, UsageError
-from runtimes import node as node_rt
+from exporter.runtimes import node as node_rt
 
 W = np.arange(6, dtype=np.float32).reshape(3, 2) / 7.0
 B = np.array([0.25, -0.5], dtype=np.float32)
@@ -135,7 +135,7 @@ def _js(args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
 
 # --------------------------------------------------------------------------- runtime
 def test_node_runtime_matches_onnxruntime(node_ok: dict[str, str], tmp_path: Path) -> None:
-    from runtimes.onnxruntime import OnnxRuntime
+    from exporter.runtimes.onnxruntime import OnnxRuntime
 
     path = _tiny_model(tmp_path / "model.onnx")
     with node_rt.NodeRuntime(path) as rt, OnnxRuntime(path) as ref:
@@ -153,7 +153,7 @@ def test_node_runtime_matches_onnxruntime(node_ok: dict[str, str], tmp_path: Pat
 
 
 def test_load_runtime_by_name(node_ok: dict[str, str], tmp_path: Path) -> None:
-    from runtimes.base import load_runtime
+    from exporter.runtimes.base import load_runtime
 
     rt = load_runtime("node", str(_tiny_model(tmp_path / "model.onnx")), intra_op_threads=1)
     try:
@@ -375,7 +375,7 @@ def test_missing_node_names_what_to_install(tmp_path: Path, monkeypatch: pytest.
         node_rt.NodeRuntime(model)
     with pytest.raises(MissingDependencyError, match="install Node.js"):
         node_rt.node_verify(tmp_path)
-    from runtimes.base import load_runtime
+    from exporter.runtimes.base import load_runtime
 
     with pytest.raises(MissingDependencyError, match="EXPORTER_NODE"):
         load_runtime("node", str(model))
@@ -402,7 +402,7 @@ def test_missing_model_file_is_usage_error(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- every registry bundle
-from models import registry  # noqa: E402
+from exporter.models import registry  # noqa: E402
 
 _PAIRS = [(m, fw) for m in registry.names() for fw in registry.get(m).frameworks]
 

@@ -14,8 +14,8 @@ import pytest
 from exporter import parity
 from exporter.errors import ParityError, UsageError
 from exporter.parity import OutputCheck, ParityReport, compare, relative_floor
-from models.registry import DEFAULT_TOLERANCES, ModelSpec, TensorSpec, Tolerance
-from runtimes.base import IOSpec, Runtime
+from exporter.models.registry import DEFAULT_TOLERANCES, ModelSpec, TensorSpec, Tolerance
+from exporter.runtimes.base import IOSpec, Runtime
 
 F32 = DEFAULT_TOLERANCES["float32"]
 

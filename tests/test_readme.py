@@ -30,7 +30,7 @@ def test_user_model_example_registers_and_exports(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     import exporter
     from exporter import state
-    from models import registry
+    from exporter.models import registry
 
     rng = np.random.default_rng(1)
     ckpt = tmp_path / "tiny.safetensors"

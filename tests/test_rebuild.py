@@ -11,8 +11,8 @@ import pytest
 from exporter import layouts, rebuild
 from exporter.errors import MissingDependencyError, StateMismatchError, UsageError
 from exporter.layouts import Dense
-from models import registry
-from models.registry import ModelSpec, TensorSpec
+from exporter.models import registry
+from exporter.models.registry import ModelSpec, TensorSpec
 
 pytest.importorskip("torch")
 

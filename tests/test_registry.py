@@ -12,8 +12,8 @@ import pytest
 
 from exporter import layouts
 from exporter.errors import UnknownModelError, UsageError
-from models import registry
-from models.registry import ModelSpec, TensorSpec, Tolerance
+from exporter.models import registry
+from exporter.models.registry import ModelSpec, TensorSpec, Tolerance
 
 TESTS = Path(__file__).parent
 
@@ -54,7 +54,7 @@ def test_plugin_module_registers_a_model(tmp_path, monkeypatch):
         textwrap.dedent(
             """
             from exporter import layouts
-            from models.registry import ModelSpec, TensorSpec, register
+            from exporter.models.registry import ModelSpec, TensorSpec, register
             register(ModelSpec(name="plugin_model", summary="from a plugin",
                                inputs=(TensorSpec("x", ("batch", 3)),), outputs=("y",),
                                layout=(layouts.Dense("fc", "fc"),)))

@@ -1,4 +1,4 @@
-"""Conformance of every runtime adapter, and the shared input checks of ``runtimes.base``.
+"""Conformance of every runtime adapter, and the shared input checks of ``exporter.runtimes.base``.
 
 Every adapter (torch, jax, onnxruntime, reference, and node when available) runs the same
 cases of every registry model and must return a dict of numpy arrays with the declared
@@ -20,8 +20,8 @@ from conftest import skip_unless_ci
 
 from exporter import parity
 from exporter.errors import ExporterError, MissingDependencyError, UsageError
-from models import registry
-from runtimes.base import RUNTIMES, IOSpec, Runtime, check_arrays, load_runtime, runtime_class
+from exporter.models import registry
+from exporter.runtimes.base import RUNTIMES, IOSpec, Runtime, check_arrays, load_runtime, runtime_class
 
 ADAPTERS = ("torch", "jax", "onnxruntime", "reference", "node")
 ONNX_ADAPTERS = ("onnxruntime", "reference", "node")
@@ -147,7 +147,7 @@ def test_conformance(artifacts: _Session, model: str, adapter: str) -> None:
 
 def test_every_adapter_is_in_the_table() -> None:
     assert set(ADAPTERS) == set(RUNTIMES)
-    assert RUNTIMES["node"] == "runtimes.node:NodeRuntime"
+    assert RUNTIMES["node"] == "exporter.runtimes.node:NodeRuntime"
     for name in ("torch", "jax", "onnxruntime", "reference"):
         cls = runtime_class(name)
         assert cls.name == name
@@ -266,7 +266,7 @@ def test_state_runtime_by_registry_name(artifacts: _Session) -> None:
 def test_missing_framework_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, adapter: str, blocked: str, extra: str
 ) -> None:
-    monkeypatch.delitem(sys.modules, f"runtimes.{adapter}", raising=False)
+    monkeypatch.delitem(sys.modules, f"exporter.runtimes.{adapter}", raising=False)
     monkeypatch.setitem(sys.modules, blocked, None)  # makes `import <blocked>` fail
     with pytest.raises(MissingDependencyError, match=rf"install with: pip install 'exporter\[{extra}\]'"):
         load_runtime(adapter, ("mlp", {}))
@@ -274,7 +274,7 @@ def test_missing_framework_names_the_extra(
 
 def test_importing_base_and_parity_stays_light() -> None:
     code = (
-        "import sys, runtimes.base, exporter.parity, runtimes.onnxruntime, runtimes.reference; "
+        "import sys, exporter.runtimes.base, exporter.parity, exporter.runtimes.onnxruntime, exporter.runtimes.reference; "
         "heavy = [m for m in ('torch', 'jax', 'flax', 'onnxruntime') if m in sys.modules]; "
         "print(heavy)"
     )

@@ -146,7 +146,7 @@ def test_in_process_resume_is_bit_exact(tmp_path: Path, model: str, framework: s
     assert _final_hashes(tmp_path / "parts" / "step-00000005") == _final_hashes(tmp_path / "whole" / "step-00000005")
     # the model part is canonical (torch names) for both frameworks, ready for export
     from exporter import rebuild
-    from models import registry
+    from exporter.models import registry
 
     spec = registry.get(model)
     state, report = rebuild.prepare_state(spec, C.load_model_state(tmp_path / "parts"), source="ckpt")

@@ -37,7 +37,7 @@ const crypto = require('crypto');
 const readline = require('readline');
 const tp = require('./tensorproto');
 
-const INSTALL = 'cd runtimes/node && npm ci --ignore-scripts   (or: npm install --ignore-scripts onnxruntime-node@1.30.0)';
+const INSTALL = 'cd runtimes/js && npm ci --ignore-scripts   (or: npm install --ignore-scripts onnxruntime-node@1.30.0)';
 const DEFAULT_TOLERANCES = {
   float64: { atol: 1e-10, rtol: 1e-8 },
   float32: { atol: 1e-5, rtol: 1e-4 },

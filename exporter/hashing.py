@@ -1,0 +1,59 @@
+"""Content hashes: one place for every sha256 that exporter records.
+
+Bundles, state files and training checkpoints all hash through here, so a file hashed by
+one is hashed identically by the others.  sha256 is used for provenance (users compare
+it with ``sha256sum`` and with other tools' manifests).
+
+A directory hashes, in sorted order of relative POSIX path, one line
+``"<relative path>\\0<file sha256>\\n"`` per regular file (symlinked directories are not
+followed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["CHUNK", "sha256_bytes", "sha256_file", "sha256_tree", "sha256_entries", "sha256_path"]
+
+CHUNK = 1 << 20
+
+
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_entries(entries: Iterable[tuple[str, str]]) -> str:
+    """Hex sha256 over ``(relative path, file sha256)`` pairs, in the order given."""
+    h = hashlib.sha256()
+    for rel, digest in entries:
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def sha256_tree(root: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a directory tree (see the module docstring)."""
+    base = Path(root)
+    files = []
+    for dirpath, _dirs, names in os.walk(base):
+        for name in names:
+            f = Path(dirpath) / name
+            files.append((f.relative_to(base).as_posix(), f))
+    return sha256_entries((rel, sha256_file(f)) for rel, f in sorted(files))
+
+
+def sha256_path(path: str | os.PathLike[str]) -> str:
+    """:func:`sha256_tree` for a directory, :func:`sha256_file` for a file."""
+    return sha256_tree(path) if Path(path).is_dir() else sha256_file(path)
