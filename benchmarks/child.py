@@ -249,6 +249,7 @@ def p5_checkpoint(p: dict[str, Any]) -> dict[str, Any]:
     from benchmarks import wide
     from benchmarks.common import evict
     from exporter import checkpoint as ckpt
+    from exporter.treecodec import encode_tree
     from exporter import rebuild
 
     spec = wide.spec(p["width"], p["depth"])
@@ -262,7 +263,7 @@ def p5_checkpoint(p: dict[str, Any]) -> dict[str, Any]:
     sched.step()
     model = rebuild.canonical_from_torch(module, spec)
     opt_tensors: dict[str, np.ndarray] = {}
-    doc = ckpt.encode_tree({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, opt_tensors)
+    doc = encode_tree({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, opt_tensors)
     rng = {"torch": torch.get_rng_state().numpy().copy(), "order": np.arange(1024, dtype=np.int64)}
     groups = {"model": model, "optimizer": opt_tensors, "rng": rng}
     state = {"optimizer": doc, "step": 1, "epoch": 0, "index": 4}

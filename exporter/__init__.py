@@ -20,12 +20,14 @@ import importlib
 from typing import Any
 
 from exporter.errors import (
+    BundleError,
     CheckpointCorruptError,
     CheckpointError,
     ExporterError,
     ExportError,
     MissingDependencyError,
     ParityError,
+    RunError,
     StateFileError,
     StateMismatchError,
     UnknownModelError,
@@ -40,9 +42,11 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "inspect": ("exporter.api", "inspect"),
     "export": ("exporter.api", "export"),
     "verify": ("exporter.api", "verify"),
+    "verify_all": ("exporter.api", "verify_all"),
     "convert": ("exporter.api", "convert"),
     "train": ("exporter.api", "train"),
     "ExportReport": ("exporter.api", "ExportReport"),
+    "VerifyReport": ("exporter.api", "VerifyReport"),
     "ConvertReport": ("exporter.api", "ConvertReport"),
     "ModelInfo": ("exporter.api", "ModelInfo"),
     "BundleResult": ("exporter.bundle", "BundleResult"),
@@ -65,7 +69,9 @@ __all__ = [
     "CheckpointCorruptError",
     "StateMismatchError",
     "CheckpointError",
+    "BundleError",
     "ExportError",
+    "RunError",
     "ParityError",
 ]
 

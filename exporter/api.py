@@ -14,23 +14,24 @@ torch / jax are imported only by the operations that need them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exporter.errors import ExporterError, UsageError
+from exporter import atomic
+from exporter.errors import ExporterError, StateMismatchError, UnknownModelError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
-
     from exporter.bundle import BundleResult
-    from exporter.parity import ParityReport
     from exporter.models.registry import ModelSpec
+    from exporter.parity import ParityReport
+    from exporter.plan import ExportPlan, StateSource
 
 __all__ = [
     "FRAMEWORKS",
@@ -38,11 +39,14 @@ __all__ = [
     "ModelInfo",
     "ExportFailure",
     "ExportReport",
+    "VerifyReport",
     "ConvertReport",
     "list_models",
     "inspect",
+    "plan_export",
     "export",
     "verify",
+    "verify_all",
     "convert",
     "train",
 ]
@@ -122,19 +126,39 @@ def inspect(path: str | os.PathLike[str]) -> Any:
 # --------------------------------------------------------------------------- export
 @dataclass(frozen=True)
 class ExportFailure:
-    """A (model, framework) that could not be exported (the typed error, as text)."""
+    """A (model, framework) that could not be exported (the typed error, as text).
+
+    ``message`` is the error's (capped) message; ``problems`` its full problem list.
+    """
 
     model: str
     framework: str
     error: str
     message: str
     exit_code: int = 2
+    problems: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, model: str, framework: str, e: ExporterError) -> ExportFailure:
+        return cls(model, framework, type(e).__name__, str(e), e.exit_code, tuple(e.problems))
 
     def line(self) -> str:
         return f"{self.model} ({self.framework}): {self.error}: {self.message}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "framework": self.framework, "error": self.error, "message": self.message}
+        return {
+            "model": self.model,
+            "framework": self.framework,
+            "error": self.error,
+            "message": self.message,
+            "exit_code": self.exit_code,
+            "problems": list(self.problems),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ExportFailure:
+        """Inverse of :meth:`to_dict`."""
+        return cls(d["model"], d["framework"], d["error"], d["message"], int(d.get("exit_code", 2)), tuple(d.get("problems", ())))
 
 
 @dataclass(frozen=True)
@@ -196,6 +220,17 @@ class ExportReport:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ExportReport:
+        """Inverse of :meth:`to_dict` (e.g. ``export --json`` output read back)."""
+        from exporter.bundle import BundleResult
+
+        return cls(
+            out=Path(d["out"]),
+            results=tuple(BundleResult.from_dict(r) for r in d["results"]),
+            errors=tuple(ExportFailure.from_dict(e) for e in d["errors"]),
+        )
+
     def to_junit_xml(self) -> str:
         """One ``<testsuites>`` holding every bundle's parity suite and a suite of export errors."""
         return merge_junit([r.parity for r in self.results], self.errors)
@@ -238,45 +273,11 @@ def _resolve_models(model: str | Sequence[str] | None, all_models: bool) -> list
     for n in dict.fromkeys(names):
         try:
             specs.append(registry.get(n))
-        except ExporterError as e:
+        except UnknownModelError as e:
             problems.append(str(e))
     if problems:
-        from exporter.errors import UnknownModelError
-
         raise UnknownModelError("; ".join(problems))
     return specs
-
-
-def _frameworks(spec: ModelSpec, framework: str) -> list[str]:
-    if framework == "all":
-        return [f for f in FRAMEWORKS if f in spec.frameworks]
-    if framework not in FRAMEWORKS:
-        raise UsageError(f"unknown framework {framework!r}; choose torch, flax or all")
-    if framework not in spec.frameworks:
-        raise UsageError(f"model {spec.name!r} has no {framework} build (it has: {', '.join(spec.frameworks)})")
-    return [framework]
-
-
-def _load_checkpoint(
-    spec: ModelSpec, checkpoint: str | os.PathLike[str], rename: Sequence[tuple[str, str]] = ()
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from exporter import rebuild, state
-
-    path = Path(checkpoint)
-    fmt = state.sniff(path)
-    if fmt == "exporter-checkpoint":
-        # A training checkpoint directory: use (and record the hash of) the one step whose
-        # model part is exported -- the newest valid one -- and check it was trained for
-        # this model.
-        from exporter import checkpoint as ckpt
-
-        used = ckpt.model_checkpoint(path, model=spec.name)
-        path, raw = Path(used.path), dict(used.group("model"))
-    else:
-        raw = state.load_state(path)
-    canonical, _ = rebuild.prepare_state(spec, raw, strict=True, rename=rename, source=str(path))
-    info = {"path": str(path.resolve()), "format": fmt, "sha256": state.sha256_path(path)}
-    return canonical, info
 
 
 def _sweep_dims(
@@ -293,6 +294,172 @@ def _sweep_dims(
         have = spec.dynamic_dims()
         return {d: v for d, v in dims.items() if d in have} or None
     return dims
+
+
+def _one_line(e: ExporterError) -> str:
+    """An error's message on one line (a listed message's items joined with ``; ``)."""
+    head, *items = str(e).split("\n  - ")
+    return head + (": " + "; ".join(items) if items else "")
+
+
+def _raise_collected(errors: Sequence[ExporterError]) -> None:
+    """Raise the one error, or all of them as one (their common type, else UsageError)."""
+    if not errors:
+        return
+    if len(errors) == 1:
+        raise errors[0]
+    kinds = {type(e) for e in errors}
+    cls = kinds.pop() if len(kinds) == 1 else UsageError
+    raise cls.listing(f"the export request has {len(errors)} problems; nothing was exported", [_one_line(e) for e in errors])
+
+
+def plan_export(
+    model: str | Sequence[str] | None = None,
+    *,
+    all_models: bool = False,
+    checkpoint: str | os.PathLike[str] | None = None,
+    framework: str = "all",
+    out: str | os.PathLike[str] = DEFAULT_OUT,
+    opset: int | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    dims: Mapping[str, int | Sequence[int]] | None = None,
+    rename: Sequence[tuple[str, str]] = (),
+    atol: float | None = None,
+    rtol: float | None = None,
+    inputs: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    external_data: bool | None = None,
+    intra_op_threads: int | None = None,
+) -> list[ExportPlan]:
+    """Validate an export request and plan it: one :class:`~exporter.plan.ExportPlan` per model.
+
+    Every problem is collected before anything is raised; nothing heavy is imported and
+    nothing is written.  Arguments as :func:`export`.
+
+    Raises:
+        UnknownModelError, UsageError: the problem, or all of them listed in one error.
+    """
+    from exporter import onnx_export, parity
+    from exporter.plan import ExportPlan
+
+    errors: list[ExporterError] = []
+    specs: list[ModelSpec] = []
+    try:
+        specs = _resolve_models(model, all_models)
+    except ExporterError as e:
+        errors.append(e)
+    if checkpoint is not None and len(specs) > 1:
+        errors.append(UsageError("--checkpoint holds the state of one model; export one model with it, not several"))
+    if opset is not None:
+        try:
+            onnx_export.check_opset(opset)
+        except UsageError as e:
+            errors.append(e)
+    try:
+        parity.tolerance_for(None, atol=atol, rtol=rtol)
+        tolerances_ok = True
+    except UsageError as e:
+        errors.append(e)
+        tolerances_ok = False
+    if framework != "all" and framework not in FRAMEWORKS:
+        errors.append(UsageError(f"unknown framework {framework!r}; choose torch, flax or all"))
+    if intra_op_threads is not None and (isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) or intra_op_threads < 1):
+        errors.append(UsageError(f"intra_op_threads must be a positive int or None (onnxruntime's default), got {intra_op_threads!r}"))
+    user_inputs = None
+    if inputs is not None:
+        try:
+            user_inputs = parity.load_inputs(inputs)
+        except UsageError as e:
+            errors.append(e)
+    if checkpoint is not None and not Path(checkpoint).exists():
+        errors.append(
+            UsageError(f"checkpoint {str(checkpoint)!r} does not exist; pass a state file or a training checkpoint directory")
+        )
+    sizes = parity.DEFAULT_BATCH_SIZES if batch_sizes is None else tuple(batch_sizes)
+    several = len(specs) > 1
+    plans: list[ExportPlan] = []
+    for spec in specs:
+        try:
+            if framework == "all":
+                fws = tuple(f for f in FRAMEWORKS if f in spec.frameworks)
+            elif several:  # several models: each from the requested build, where it has one
+                fws = (framework,) if framework in spec.frameworks else ()
+            else:
+                spec.factory(framework)  # "model 'x' has no flax build"
+                fws = (framework,)
+            cases = parity.sweep_cases(spec, sizes, _sweep_dims(spec, dims, several=several))
+            runs = parity.plan_runs(
+                spec, cases=cases, seed=seed, inputs=user_inputs, inputs_label=None if inputs is None else Path(inputs).name
+            )
+            tolerance = parity.tolerance_for(spec, atol=atol, rtol=rtol) if tolerances_ok else None
+        except ExporterError as e:
+            errors.append(e)
+            continue
+        if fws and tolerance is not None:
+            plans.append(
+                ExportPlan(
+                    spec=spec,
+                    frameworks=fws,
+                    cases=tuple(cases),
+                    runs=tuple(runs),
+                    tolerance=tolerance,
+                    atol=atol,
+                    rtol=rtol,
+                    opset=onnx_export.DEFAULT_OPSET if opset is None else opset,
+                    seed=seed,
+                    external_data=external_data,
+                    intra_op_threads=intra_op_threads,
+                    out=Path(out),
+                    checkpoint=None if checkpoint is None else Path(checkpoint),
+                    rename=tuple((str(a), str(b)) for a, b in rename),
+                )
+            )
+    _raise_collected(errors)
+    return plans
+
+
+@contextlib.contextmanager
+def _state_source(plan: ExportPlan) -> Iterator[StateSource]:
+    """The model's state, read, hashed and strictly checked once for all of its bundles.
+
+    With a checkpoint: ``exporter.state.read_state`` (for a training checkpoint directory,
+    the step it uses) and ``prepare_state`` (strict, the plan's rename rules).  Without:
+    a seeded state saved as ``state.safetensors`` in a scratch directory beside the
+    bundles, read back the same way (so the saved-state path always runs); each bundle
+    gets a copy of that file.
+    """
+    from exporter import bundle, rebuild, state
+    from exporter.plan import StateSource
+
+    spec = plan.spec
+    t = time.perf_counter()
+    if plan.checkpoint is not None:
+        loaded = state.read_state(plan.checkpoint)
+        trained_for = loaded.metadata.get("model")
+        if loaded.format == "exporter-checkpoint" and trained_for is not None and trained_for != spec.name:
+            raise StateMismatchError(
+                f"checkpoint {loaded.path} was trained for model {trained_for!r}, not {spec.name!r}; "
+                f"export it as {trained_for!r} or pass a checkpoint of {spec.name!r}"
+            )
+        canonical, _ = rebuild.prepare_state(spec, loaded.arrays, strict=True, rename=plan.rename, source=str(loaded.path))
+        provenance = {"seeded": False, "path": str(loaded.path.resolve()), "format": loaded.format, "sha256": loaded.sha256}
+        source = StateSource(canonical, provenance, seconds=time.perf_counter() - t)
+        # Only the source may hold the arrays (raw or canonical) while it is in use, so that
+        # its release() really frees them: this suspended frame must not.
+        del loaded, canonical
+        yield source
+        return
+    with atomic.scratch_dir(plan.out / spec.name) as scratch:
+        path = scratch / bundle.STATE_FILE
+        seeded = rebuild.init_state(spec, seed=plan.seed, framework=plan.frameworks[0])
+        state.save_state(seeded, path, metadata=bundle.state_metadata(spec.name, plan.seed))
+        del seeded  # the copy read back from the file is the one used
+        loaded = state.read_state(path)
+        canonical, _ = rebuild.prepare_state(spec, loaded.arrays, strict=True, source=bundle.STATE_FILE)
+        provenance = {"path": bundle.STATE_FILE, "format": loaded.format, "sha256": loaded.sha256, "seeded": True, "seed": plan.seed}
+        source = StateSource(canonical, provenance, state_file=path, seconds=time.perf_counter() - t)
+        del loaded, canonical
+        yield source
 
 
 def export(
@@ -320,8 +487,10 @@ def export(
     ``state.safetensors`` and the model is rebuilt from that file (one state per model,
     shared by its torch and flax exports).  With ``checkpoint`` (any format
     ``exporter.state`` reads, including a training checkpoint directory) the state is
-    loaded strictly: every missing/unexpected/mismatched key is an error.
+    loaded strictly: every missing/unexpected/mismatched key is an error.  Either way the
+    state is read once per model, for all of its bundles.
 
+    The whole request is validated first (:func:`plan_export`: every problem listed).
     When a single (model, framework) is exported, its errors are raised; when several are,
     an export error of one is recorded in the report and the others continue.
 
@@ -342,7 +511,8 @@ def export(
         seed: seed of the initial state and the sweep's inputs.
         external_data: force (True) / forbid (False) ``model.onnx.data``; None = when > 2 GiB.
         intra_op_threads: onnxruntime threads (None = its default).
-        progress: called with one line per bundle started/finished (the CLI prints to stderr).
+        progress: called with one line per bundle started/finished when more than one
+            bundle is exported (the CLI prints them to stderr).
 
     Returns:
         An :class:`ExportReport`; ``bool(report)`` is the verdict.
@@ -351,97 +521,47 @@ def export(
         UnknownModelError, UsageError, StateFileError, StateMismatchError: bad input.
         ExportError, MissingDependencyError: when a single bundle is exported.
     """
-    from exporter import bundle, onnx_export, parity
+    from exporter import bundle
 
-    specs = _resolve_models(model, all_models)
-    if checkpoint is not None and len(specs) != 1:
-        raise UsageError("--checkpoint holds the state of one model; export one model with it, not several")
-    if opset is not None:
-        onnx_export.check_opset(opset)
-    parity.tolerance_for(None, atol=atol, rtol=rtol)  # validates atol/rtol
-    sizes = parity.DEFAULT_BATCH_SIZES if batch_sizes is None else tuple(batch_sizes)
-    if framework != "all" and framework not in FRAMEWORKS:
-        raise UsageError(f"unknown framework {framework!r}; choose torch, flax or all")
-    targets: list[tuple[ModelSpec, list[str]]] = []
-    for spec in specs:
-        parity.sweep_cases(spec, sizes, _sweep_dims(spec, dims, several=len(specs) > 1))
-        if inputs is not None:
-            parity.load_inputs(inputs, spec)
-        if len(specs) == 1:
-            fws = _frameworks(spec, framework)
-        else:  # several models: export each from the requested builds it has
-            fws = [f for f in (FRAMEWORKS if framework == "all" else (framework,)) if f in spec.frameworks]
-        if fws:
-            targets.append((spec, fws))
-    if checkpoint is not None and not Path(checkpoint).exists():
-        raise UsageError(f"checkpoint {str(checkpoint)!r} does not exist; pass a state file or a training checkpoint directory")
-
-    total = sum(len(f) for _, f in targets)
+    plans = plan_export(
+        model, all_models=all_models, checkpoint=checkpoint, framework=framework, out=out, opset=opset,
+        batch_sizes=batch_sizes, dims=dims, rename=rename, atol=atol, rtol=rtol, inputs=inputs, seed=seed,
+        external_data=external_data, intra_op_threads=intra_op_threads,
+    )  # fmt: skip
+    total = sum(len(p.frameworks) for p in plans)
     single = total == 1
-    out_root = Path(out)
+    say = progress if progress is not None and not single else (lambda line: None)
     results: list[BundleResult] = []
     errors: list[ExportFailure] = []
     k = 0
-    for spec, fws in targets:
-        canonical = ckpt_info = seeded = None
+
+    def failed(spec: ModelSpec, fws: Sequence[str], e: ExporterError) -> None:
+        errors.extend(ExportFailure.of(spec.name, fw, e) for fw in fws)
+        say(f"[{k}/{total}] {spec.name}{'' if len(fws) > 1 else f' ({fws[0]})'}: ERROR {type(e).__name__}: {str(e).splitlines()[0]}")
+
+    for plan in plans:
+        spec = plan.spec
         try:
-            if checkpoint is not None:
-                canonical, ckpt_info = _load_checkpoint(spec, checkpoint, rename)
-            else:
-                from exporter import rebuild
-
-                seeded = rebuild.init_state(spec, seed=seed, framework=fws[0])
-        except ExporterError as e:
-            if single or checkpoint is not None:
+            with _state_source(plan) as source:
+                for i, fw in enumerate(plan.frameworks):
+                    k += 1
+                    say(f"[{k}/{total}] {spec.name} ({fw}): exporting ...")
+                    t = time.perf_counter()
+                    try:
+                        r = bundle.build(plan, fw, source, release=i + 1 == len(plan.frameworks))
+                    except ExporterError as e:
+                        if single:
+                            raise
+                        failed(spec, [fw], e)
+                        continue
+                    results.append(r)
+                    say(f"[{k}/{total}] {spec.name} ({fw}): {'PASS' if r.ok else 'FAIL'} ({time.perf_counter() - t:.1f} s)")
+        except ExporterError as e:  # the state itself: nothing of this model was exported
+            if single or plan.checkpoint is not None:
                 raise
-            k += len(fws)
-            errors += [ExportFailure(spec.name, fw, type(e).__name__, str(e), e.exit_code) for fw in fws]
-            if progress:
-                progress(f"[{k}/{total}] {spec.name}: ERROR {type(e).__name__}: {str(e).splitlines()[0]}")
-            continue
-        # The checkpoint was loaded (and strictly checked) once up front; hand it to the first
-        # bundle as a loader so that build() holds the only reference and can free the
-        # weights before onnxruntime loads its copy; later frameworks reload it.
-        held = [canonical] if canonical is not None else []
-        canonical = None
-
-        def state_loader(spec: ModelSpec = spec, held: list[Any] = held) -> dict[str, np.ndarray]:
-            return held.pop() if held else _load_checkpoint(spec, checkpoint, rename)[0]  # type: ignore[arg-type]
-
-        for fw in fws:
-            k += 1
-            if progress:
-                progress(f"[{k}/{total}] {spec.name} ({fw}): exporting ...")
-            t = time.perf_counter()
-            try:
-                r = bundle.build(
-                    spec,
-                    fw,
-                    out_root / spec.name / fw,
-                    canonical=state_loader if checkpoint is not None else None,
-                    checkpoint=ckpt_info,
-                    initial_state=seeded,
-                    opset=opset,
-                    batch_sizes=sizes,
-                    extra_dims=_sweep_dims(spec, dims, several=len(specs) > 1),
-                    atol=atol,
-                    rtol=rtol,
-                    inputs=inputs,
-                    seed=seed,
-                    external_data=external_data,
-                    intra_op_threads=intra_op_threads,
-                )
-            except ExporterError as e:
-                if single:
-                    raise
-                errors.append(ExportFailure(spec.name, fw, type(e).__name__, str(e), e.exit_code))
-                if progress:
-                    progress(f"[{k}/{total}] {spec.name} ({fw}): ERROR {type(e).__name__}: {str(e).splitlines()[0]}")
-                continue
-            results.append(r)
-            if progress:
-                progress(f"[{k}/{total}] {spec.name} ({fw}): {'PASS' if r.ok else 'FAIL'} ({time.perf_counter() - t:.1f} s)")
-    return ExportReport(out=out_root, results=tuple(results), errors=tuple(errors))
+            k += len(plan.frameworks)
+            failed(spec, plan.frameworks, e)
+    return ExportReport(out=Path(out), results=tuple(results), errors=tuple(errors))
 
 
 # --------------------------------------------------------------------------- verify
@@ -467,12 +587,75 @@ def verify(
         A ParityReport; ``bool(report)`` is the verdict.
 
     Raises:
-        UsageError: not a bundle / incomplete / unknown runtime.
+        BundleError: not a bundle / incomplete / corrupt.
+        UsageError: unknown runtime, bad tolerances.
         MissingDependencyError: the runtime is not installed.
     """
     from exporter import bundle as _bundle
 
     return _bundle.verify(bundle, runtime, atol=atol, rtol=rtol, check_hashes=check_hashes, **runtime_kwargs)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Every bundle a ``verify_all`` call checked, with its ParityReport (``exporter verify``)."""
+
+    bundles: tuple[Path, ...]
+    reports: tuple[ParityReport, ...]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.reports) and all(r.ok for r in self.reports)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @property
+    def exit_code(self) -> int:
+        """0 every bundle passes, 1 otherwise."""
+        return 0 if self.ok else 1
+
+    def table(self) -> str:
+        """Per bundle: its path, its parity table and, when it fails, its failures."""
+        blocks = []
+        for p, r in zip(self.bundles, self.reports):
+            text = f"{p}\n{r.table()}"
+            if not r.ok:
+                text += "\nfailures:" + "".join(f"\n  - {line}" for line in r.failures())
+            blocks.append(text)
+        return "\n".join(blocks)
+
+    def to_dict(self) -> Any:
+        """One bundle: its report's dict; several: a list of them."""
+        dicts = [r.to_dict() for r in self.reports]
+        return dicts[0] if len(dicts) == 1 else dicts
+
+    def to_junit_xml(self) -> str:
+        return merge_junit(self.reports)
+
+
+def verify_all(
+    bundles: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    runtime: str = "onnxruntime",
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    check_hashes: bool = True,
+    **runtime_kwargs: Any,
+) -> VerifyReport:
+    """:func:`verify` every bundle at or below each path (an export's OUT directory holds several).
+
+    Raises:
+        As :func:`verify`.
+    """
+    from exporter import bundle as _bundle
+
+    paths = [bundles] if isinstance(bundles, (str, os.PathLike)) else list(bundles)
+    found = list(dict.fromkeys(p for b in paths for p in _bundle.find_bundles(b)))
+    reports = [
+        _bundle.verify(p, runtime, atol=atol, rtol=rtol, check_hashes=check_hashes, **runtime_kwargs) for p in found
+    ]
+    return VerifyReport(bundles=tuple(found), reports=tuple(reports))
 
 
 # --------------------------------------------------------------------------- convert
@@ -554,8 +737,8 @@ def convert(
     src_p, dst_p = Path(src), Path(dst)
     if src_p.resolve() == dst_p.resolve():
         raise UsageError(f"source and destination are the same path ({src_p}); pick another destination")
-    src_format = state.sniff(src_p)
-    raw = state.load_state(src_p)
+    loaded = state.read_state(src_p)
+    src_format, raw = loaded.format, loaded.arrays
     layout = "as stored"
     arrays: dict[str, Any] = dict(raw)
     if model is not None:

@@ -21,11 +21,11 @@ torch or jax.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import os
+import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,12 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exporter import atomic
-from exporter.errors import UsageError, format_problems
+from exporter import atomic, testdata
+from exporter.errors import BundleError, ExportError, RunError, UsageError
+from exporter.hashing import sha256_file  # also reachable as bundle.sha256_file (tests/test_node.py uses it)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from exporter.models.registry import ModelSpec, Tolerance
+    from exporter.onnx_export import OnnxExport
     from exporter.parity import OutputCheck, ParityReport
-    from exporter.models.registry import ModelSpec
+    from exporter.plan import ExportPlan, StateSource
     from exporter.runtimes.base import Runtime
 
 __all__ = [
@@ -52,9 +55,7 @@ __all__ = [
     "verify",
     "read_manifest",
     "find_bundles",
-    "write_test_data",
-    "read_test_data",
-    "sha256_file",
+    "state_metadata",
 ]
 
 BUNDLE_FORMAT = "exporter-bundle"
@@ -66,24 +67,19 @@ PARITY_JSON = "parity.json"
 PARITY_JUNIT = "parity.junit.xml"
 TEST_DATA_PREFIX = "test_data_set_"
 EXPORT_LOG = "export.log"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+RECORDED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def _utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _state_metadata(model: str, seed: int) -> dict[str, str]:
-    # One key only: safetensors writes __metadata__ from a Rust HashMap, so with several keys
-    # their order (and the file's sha256) changes from run to run.
+def state_metadata(model: str, seed: int) -> dict[str, str]:
+    """The ``__metadata__`` of a bundle's seeded ``state.safetensors``.
+
+    One key only: safetensors writes ``__metadata__`` from a Rust HashMap, so with several
+    keys their order (and the file's sha256) changes from run to run.
+    """
     return {"exporter": json.dumps({"model": model, "seed": seed}, sort_keys=True)}
 
 
@@ -157,47 +153,25 @@ class BundleResult:
             "parity": self.parity.to_dict(),
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BundleResult:
+        """Inverse of :meth:`to_dict` (e.g. a result read back from ``export --json``)."""
+        from exporter.parity import ParityReport
 
-# --------------------------------------------------------------------------- test data
-def write_test_data(directory: Path, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
-    """Write one ONNX model-zoo test data set: ``input_<i>.pb`` / ``output_<i>.pb`` in the given order.
-
-    Files go through ``exporter.atomic`` like every file we write.
-    """
-    from onnx import numpy_helper
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for prefix, arrays in (("input", inputs), ("output", outputs)):
-        for i, (name, value) in enumerate(arrays.items()):
-            tensor = numpy_helper.from_array(np.ascontiguousarray(value), name=name)
-            atomic.write_bytes(directory / f"{prefix}_{i}.pb", tensor.SerializeToString())
-
-
-def read_test_data(directory: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Read one test data set back: ``(inputs, outputs)`` keyed by the TensorProto names, in file order.
-
-    Raises:
-        UsageError: no input files, or a file that is not a TensorProto.
-    """
-    from onnx import TensorProto, numpy_helper
-
-    d = Path(directory)
-    result: list[dict[str, np.ndarray]] = []
-    for prefix in ("input", "output"):
-        files = sorted(d.glob(f"{prefix}_*.pb"), key=lambda p: int(p.stem.split("_")[-1]) if p.stem.split("_")[-1].isdigit() else -1)
-        arrays: dict[str, np.ndarray] = {}
-        for f in files:
-            t = TensorProto()
-            try:
-                t.ParseFromString(f.read_bytes())
-                arr = numpy_helper.to_array(t)
-            except Exception as e:  # protobuf DecodeError and friends
-                raise UsageError(f"test data file {f} is not a valid ONNX TensorProto ({e}); re-export the bundle") from e
-            arrays[t.name or f.stem] = arr
-        result.append(arrays)
-    if not result[0]:
-        raise UsageError(f"test data set {d} has no input_<i>.pb files; re-export the bundle")
-    return result[0], result[1]
+        return cls(
+            model=d["model"],
+            framework=d["framework"],
+            path=Path(d["path"]),
+            exporter=d["exporter"],
+            fallback_reason=d["fallback_reason"],
+            opset=int(d["opset"]),
+            onnx_sha256=d["onnx_sha256"],
+            external_data=bool(d["external_data"]),
+            checkpoint=dict(d["checkpoint"]),
+            parity=ParityReport.from_dict(d["parity"]),
+            seconds={k: float(v) for k, v in d.get("seconds", {}).items()},
+            warnings=tuple(d.get("warnings", ())),
+        )
 
 
 # --------------------------------------------------------------------------- manifest
@@ -205,27 +179,29 @@ def read_manifest(bundle: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``manifest.json`` of a bundle directory.
 
     Raises:
-        UsageError: not a directory, no manifest, unreadable or not an exporter bundle.
+        BundleError: not a directory, no manifest, unreadable or not an exporter bundle.
     """
     d = Path(bundle)
     if not d.is_dir():
-        raise UsageError(f"bundle {str(d)!r} is not a directory; pass OUT/<model>/<framework> written by `exporter export`")
+        raise BundleError(f"bundle {str(d)!r} is not a directory; pass OUT/<model>/<framework> written by `exporter export`")
     path = d / MANIFEST
     if not path.is_file():
-        raise UsageError(
+        raise BundleError(
             f"{str(d)!r} is not an exporter bundle: {MANIFEST} is missing; pass OUT/<model>/<framework> written by `exporter export`"
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} cannot be read as JSON ({e}); re-export the bundle") from e
+        raise BundleError(f"{path} cannot be read as JSON ({e}); re-export the bundle") from e
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise UsageError(f"{path} is not an exporter bundle manifest (format {got!r}, expected {BUNDLE_FORMAT!r})")
-    if int(manifest.get("format_version", 0)) > BUNDLE_FORMAT_VERSION:
-        raise UsageError(
-            f"{path} has format_version {manifest.get('format_version')}, newer than this exporter reads "
-            f"({BUNDLE_FORMAT_VERSION}); upgrade exporter"
+        raise BundleError(f"{path} is not an exporter bundle manifest (format {got!r}, expected {BUNDLE_FORMAT!r})")
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int):
+        raise BundleError(f"{path} has format_version {version!r}, expected an integer; re-export the bundle")
+    if version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has format_version {version}, newer than this exporter reads ({BUNDLE_FORMAT_VERSION}); upgrade exporter"
         )
     return manifest
 
@@ -235,203 +211,161 @@ def find_bundles(path: str | os.PathLike[str]) -> list[Path]:
     ``*/manifest.json`` and ``*/*/manifest.json`` (an export's OUT directory), sorted.
 
     Raises:
-        UsageError: ``path`` does not exist or holds no bundle.
+        BundleError: ``path`` does not exist or holds no bundle.
     """
     p = Path(path)
     if p.is_file() and p.name in (ONNX_FILE, MANIFEST):
         p = p.parent
     if not p.exists():
-        raise UsageError(f"bundle {str(p)!r} does not exist; pass a directory written by `exporter export`")
+        raise BundleError(f"bundle {str(p)!r} does not exist; pass a directory written by `exporter export`")
     if (p / MANIFEST).is_file() or not p.is_dir():
         return [p]
     found = sorted({m.parent for pattern in (f"*/{MANIFEST}", f"*/*/{MANIFEST}") for m in p.glob(pattern)})
     if not found:
-        raise UsageError(
+        raise BundleError(
             f"{str(p)!r} holds no exporter bundle ({MANIFEST} not found in it or two levels below); "
             "pass OUT/<model>/<framework> written by `exporter export`"
         )
     return found
 
 
-def _tensor_specs(spec: ModelSpec, outputs: Mapping[str, np.ndarray], out_shapes: Mapping[str, list[Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    ins = [{"name": t.name, "dtype": str(np.dtype(t.dtype)), "shape": list(t.shape)} for t in spec.inputs]
-    outs = [{"name": o, "dtype": str(np.asarray(outputs[o]).dtype), "shape": out_shapes.get(o)} for o in spec.outputs if o in outputs]
-    return ins, outs
-
-
-def _onnx_output_shapes(path: Path) -> dict[str, list[Any]]:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    shapes: dict[str, list[Any]] = {}
-    for o in model.graph.output:
-        dims: list[Any] = []
-        for d in o.type.tensor_type.shape.dim:
-            kind = d.WhichOneof("value")
-            dims.append(d.dim_value if kind == "dim_value" else d.dim_param if kind == "dim_param" else None)
-        shapes[o.name] = dims
-    return shapes
-
-
 # --------------------------------------------------------------------------- build
 _COLLECT_ABOVE = 256 << 20  # bytes of weights above which the framework's copy is collected before onnxruntime loads
 
 
-def build(
-    spec: ModelSpec,
-    framework: str,
-    bundle_dir: str | os.PathLike[str],
-    *,
-    canonical: Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]] | None = None,
-    checkpoint: Mapping[str, Any] | None = None,
-    initial_state: Mapping[str, np.ndarray] | None = None,
-    opset: int | None = None,
-    batch_sizes: Sequence[int] | None = None,
-    extra_dims: Mapping[str, int | Sequence[int]] | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
-    seed: int = 0,
-    external_data: bool | None = None,
-    intra_op_threads: int | None = None,
-) -> BundleResult:
+def _framework_model(spec: ModelSpec, framework: str, canonical: Mapping[str, np.ndarray]) -> tuple[Any, Runtime]:
+    """The framework build of ``spec`` from ``canonical`` (module or variables) and its runtime."""
+    from exporter import rebuild
+
+    if framework == "torch":
+        from exporter.runtimes.torch import TorchRuntime
+
+        module = rebuild.torch_module(spec, canonical)
+        return module, TorchRuntime.from_module(spec, module)
+    assert framework == "flax", framework
+    from exporter.runtimes.jax import JaxRuntime
+
+    variables = rebuild.flax_variables(spec, canonical)
+    return variables, JaxRuntime.from_variables(spec, variables)
+
+
+def _load_export(path: Path, plan: ExportPlan, exported: OnnxExport) -> Runtime:
+    """onnxruntime on the model just exported; a file it cannot load is an export failure."""
+    from exporter.runtimes.onnxruntime import OnnxRuntime
+
+    try:
+        # Prepacking only for inline weights: the adapter's own rule, decided here from the
+        # export instead of parsing model.onnx again.
+        return OnnxRuntime(path, intra_op_threads=plan.intra_op_threads, prepacking=not exported.external_data)
+    except (RunError, UsageError) as e:
+        raise ExportError(
+            f"model {plan.spec.name!r}: onnxruntime cannot load the {path.name} that {exported.exporter} just wrote: {e}"
+        ) from e
+
+
+def build(plan: ExportPlan, framework: str, source: StateSource, *, release: bool = False) -> BundleResult:
     """Export one model from one framework into a bundle and run the parity sweep.
 
-    The steps, inside a temp directory that is renamed to ``bundle_dir`` only when all
-    files are written:
+    ``plan`` and ``source`` were validated by ``exporter.api.export``; nothing is checked
+    again here.  The steps, inside a temp directory that is renamed to
+    ``plan.bundle_dir(framework)`` only when all files are written:
 
-    1. state: with ``canonical`` (a checkpoint already loaded and checked by the caller)
-       use it; without, a seeded ``exporter.rebuild.init_state`` is saved to
-       ``state.safetensors`` and read back through ``exporter.state.load_state`` +
-       ``prepare_state`` (strict), so the saved-state path always runs;
-    2. rebuild the framework model from that state;
+    1. the seeded ``state.safetensors`` (``source.state_file``) is copied in, when there is one;
+    2. rebuild the framework model from ``source.canonical`` and run it on every case of
+       ``plan.runs`` (the reference outputs: test data, and the dtypes of the recorded
+       tolerances);
     3. export to ONNX (``exporter.onnx_export``), provenance in ``metadata_props``;
-    4. parity sweep (``exporter.parity.check``) of onnxruntime against the framework at
-       every batch size (and the user's inputs), recording test data;
-    5. write test data sets, parity.json, parity.junit.xml, manifest.json.
+    4. free the framework's copy of the weights (and, with ``release``, the source's),
+       load the export in onnxruntime and compare every case (``exporter.parity``);
+    5. write test data sets, parity.json, parity.junit.xml, manifest.json (plain writes:
+       the directory is fsynced once when it is published).
 
     A failing sweep still publishes the bundle (its reports say why); the verdict is in
     the result.
 
     Args:
-        spec: the registry entry.
-        framework: ``"torch"`` or ``"flax"``.
-        bundle_dir: the final bundle directory (replaced if it exists).
-        canonical: canonical state from a checkpoint (then ``checkpoint`` describes it), or
-            a zero-argument loader returning it (so that only ``build`` holds the arrays
-            and can free them before onnxruntime loads its copy).
-        checkpoint: ``{"path", "format", "sha256"}`` of the checkpoint file.
-        initial_state: the seeded state to save when there is no checkpoint (default:
-            ``rebuild.init_state(spec, seed, framework)``); lets the torch and flax bundles
-            of one model share one state.
-        opset: ONNX opset (default ``onnx_export.DEFAULT_OPSET``).
-        batch_sizes: sweep batch sizes (default 1, 2, 7, 64).
-        extra_dims: sizes of other dynamic dims to sweep (``{"seq": (8, 17)}``); default
-            ``spec.sweep_dims``.
-        atol, rtol: tolerance overrides.
-        inputs: user inputs (``.npz`` path or dict) run as one more case.
-        seed: seed of the initial state and of the sweep's inputs.
-        external_data: force (True) / forbid (False) ONNX external data; None = by size.
-        intra_op_threads: onnxruntime threads (None = its default).
+        plan: the model's export plan.
+        framework: one of ``plan.frameworks``.
+        source: the model's state.
+        release: this is the source's last user: release its arrays before onnxruntime
+            loads its own copy of the weights (peak memory about 1x the weights).
 
     Returns:
         The :class:`BundleResult`.
 
     Raises:
-        ExporterError: a typed error for bad input, a failed export, a missing dependency.
+        ExportError: the export failed, or onnxruntime cannot load it.
+        RunError: the framework itself failed to run a case.
+        MissingDependencyError: the framework or exporter is not installed.
     """
-    from exporter import onnx_export, parity, rebuild
-    from exporter import state as state_io
+    from exporter import onnx_export, parity
 
-    opset = onnx_export.DEFAULT_OPSET if opset is None else opset
-    if framework not in spec.frameworks:
-        raise UsageError(f"model {spec.name!r} has no {framework} build (it has: {', '.join(spec.frameworks)})")
-    # Validate cheap things before any heavy work.
-    tol = parity.tolerance_for(spec, atol=atol, rtol=rtol)
-    if extra_dims is None:
-        extra_dims = dict(spec.sweep_dims) or None
-    cases = parity.sweep_cases(spec, parity.DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes, extra_dims)
-    final = Path(bundle_dir)
+    spec = plan.spec
+    final = plan.bundle_dir(framework)
     t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {"state": source.seconds}
+    ckpt = dict(source.provenance)
     with atomic.atomic_dir(final) as tmp:
-        # 1. state
-        if canonical is None:
-            seeded = dict(initial_state) if initial_state is not None else rebuild.init_state(spec, seed=seed, framework=framework)
-            state_path = tmp / STATE_FILE
-            state_io.save_state(seeded, state_path, metadata=_state_metadata(spec.name, seed))
-            seeded = None  # the copy read back from the file is the one used (and freed below)
-            canonical, _ = rebuild.prepare_state(spec, state_io.load_state(state_path), strict=True, source=str(final / STATE_FILE))
-            ckpt = {"path": STATE_FILE, "format": "safetensors", "sha256": sha256_file(state_path), "seeded": True, "seed": seed}
-        else:
-            if callable(canonical):  # a loader: build then holds the only reference (freed below)
-                canonical = canonical()
-            ckpt = {"seeded": False, **dict(checkpoint or {})}
-        seconds["state"] = time.perf_counter() - t0
+        if source.state_file is not None:
+            shutil.copyfile(source.state_file, tmp / STATE_FILE)
 
-        # 2. rebuild + reference runtime
+        # 1. rebuild; the reference outputs of every case
         t = time.perf_counter()
-        if framework == "torch":
-            from exporter.runtimes.torch import TorchRuntime
+        built, reference = _framework_model(spec, framework, source.canonical)
+        expected = [reference.run(feed) for _label, _dims, feed in plan.runs]
+        seconds["reference"] = time.perf_counter() - t
+        out_dtypes = {o: str(expected[0][o].dtype) for o in spec.outputs}
+        per_output = {o: plan.tolerance(o, dt).to_dict() for o, dt in out_dtypes.items()}
 
-            built: Any = rebuild.torch_module(spec, canonical)
-            reference: Runtime = TorchRuntime.from_module(spec, built)
-        else:
-            from exporter.runtimes.jax import JaxRuntime
-
-            built = rebuild.flax_variables(spec, canonical)
-            reference = JaxRuntime.from_variables(spec, built)
-
-        # 3. export (output dtypes from one reference run, for the recorded tolerances)
-        probe = reference.run(spec.example_inputs(cases[0], seed=seed))
+        # 2. export
+        t = time.perf_counter()
         metadata = {
             "model": spec.name,
             "framework": framework,
             "checkpoint_path": str(ckpt.get("path", "")),
             "checkpoint_format": str(ckpt.get("format", "")),
             "checkpoint_sha256": str(ckpt.get("sha256", "")),
-            "opset": str(opset),
-            "tolerances": {o: tol(o, str(probe[o].dtype)).to_dict() for o in spec.outputs},
+            "opset": str(plan.opset),
+            "tolerances": per_output,
             "versions": onnx_export.versions(),
         }
         onnx_path = tmp / ONNX_FILE
-        exported = onnx_export.export_model(spec, framework, built, onnx_path, opset=opset, external_data=external_data, metadata=metadata)
+        exported = onnx_export.export_model(
+            spec, framework, built, onnx_path, opset=plan.opset, external_data=plan.external_data, metadata=metadata
+        )
         seconds["export"] = time.perf_counter() - t
         if exported.log:
-            atomic.write_text(tmp / EXPORT_LOG, exported.log)
+            (tmp / EXPORT_LOG).write_text(exported.log, encoding="utf-8")
 
-        # 4. parity sweep: the framework runs every case first and is then freed, so that
-        # onnxruntime's copy of the weights is not held beside the framework's (peak memory
-        # of large exports: about 1x the weights instead of 2x).
-        t = time.perf_counter()
-        from exporter.runtimes.onnxruntime import OnnxRuntime
-
-        runs = parity.plan_runs(spec, cases=cases, seed=seed, inputs=inputs)
-        expected = [reference.run(feed) for _label, _dims, feed in runs]
+        # 3. free the framework's weights (and the source's, when this is its last user)
+        # before onnxruntime loads its copy: peak memory about 1x the weights, not 2x.
         reference_name = reference.name
         reference.close()
-        del reference, built, probe
-        canonical = None
+        del reference, built
+        if release:
+            source.release()
         if exported.weights_bytes >= _COLLECT_ABOVE:  # a full collection costs ~0.2 s; worth it only for big weights
             gc.collect()
-        candidate = OnnxRuntime(onnx_path, intra_op_threads=intra_op_threads)
+
+        # 4. onnxruntime against the framework
+        t = time.perf_counter()
+        candidate = _load_export(onnx_path, plan, exported)
         report = parity.check_runs(
-            spec, runs, expected, candidate, reference=reference_name, seed=seed, atol=atol, rtol=rtol, framework=framework
-        )
+            spec, plan.runs, expected, candidate, tolerance=plan.tolerance, reference=reference_name, seed=plan.seed,
+            framework=framework,
+        )  # fmt: skip
+        session = candidate.session_options()
+        candidate.close()
         seconds["parity"] = time.perf_counter() - t
 
         # 5. files
         sets = []
-        for k, ((label, dims, feed), out) in enumerate(zip(runs, expected)):
+        for k, ((label, dims, feed), out) in enumerate(zip(plan.runs, expected)):
             name = f"{TEST_DATA_PREFIX}{k}"
-            ordered_in = {t.name: feed[t.name] for t in spec.inputs}
-            ordered_out = {o: out[o] for o in spec.outputs}
-            write_test_data(tmp / name, ordered_in, ordered_out)
+            testdata.write_test_data(tmp / name, {t.name: feed[t.name] for t in spec.inputs}, {o: out[o] for o in spec.outputs})
             sets.append({"dir": name, "case": label, "dims": dict(dims)})
-        atomic.write_text(tmp / PARITY_JSON, report.to_json())
-        atomic.write_text(tmp / PARITY_JUNIT, report.to_junit_xml())
-        first_out = expected[0] if expected else {}
-        ins, outs = _tensor_specs(spec, first_out, _onnx_output_shapes(onnx_path))
+        (tmp / PARITY_JSON).write_text(report.to_json(), encoding="utf-8")
+        (tmp / PARITY_JUNIT).write_text(report.to_junit_xml(), encoding="utf-8")
         onnx_sha = sha256_file(onnx_path)
         onnx_info: dict[str, Any] = {"file": ONNX_FILE, "sha256": onnx_sha, "bytes": onnx_path.stat().st_size, "external_data": None}
         if exported.external_data:
@@ -451,15 +385,15 @@ def build(
             "onnx": onnx_info,
             "weights_bytes": exported.weights_bytes,
             "checkpoint": ckpt,
-            "inputs": ins,
-            "outputs": outs,
+            "inputs": [{"name": t.name, "dtype": str(np.dtype(t.dtype)), "shape": list(t.shape)} for t in spec.inputs],
+            "outputs": [{"name": o, "dtype": out_dtypes[o], "shape": exported.output_dims.get(o)} for o in spec.outputs],
             "tolerances": {
-                "defaults": {dt: spec.tolerance(None, dt).to_dict() for dt in ("float32", "float16", "bfloat16", "float64")},
-                "per_output": {o["name"]: tol(o["name"], o["dtype"]).to_dict() for o in outs},
-                "overrides": {"atol": atol, "rtol": rtol},
+                "defaults": {dt: spec.tolerance(None, dt).to_dict() for dt in RECORDED_DTYPES},
+                "per_output": per_output,
+                "overrides": {"atol": plan.atol, "rtol": plan.rtol},
             },
-            "seed": seed,
-            "batch_sizes": sorted({c["batch"] for c in cases}),
+            "seed": plan.seed,
+            "batch_sizes": plan.batch_sizes,
             "test_data_sets": sets,
             "parity": {
                 "ok": report.ok,
@@ -469,13 +403,12 @@ def build(
                 "junit": PARITY_JUNIT,
                 "failures": report.failures() if not report.ok else [],
             },
-            "onnxruntime": candidate.session_options(),
-            "versions": onnx_export.versions(),
+            "onnxruntime": session,
+            "versions": metadata["versions"],
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "created": _utc_now(),
         }
-        atomic.write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n")
-        candidate.close()
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8")
     return BundleResult(
         model=spec.name,
         framework=framework,
@@ -501,6 +434,37 @@ def _integrity_check(label: str, reason: str) -> OutputCheck:
         max_abs=None, max_rel=None, mean_abs=None, p99_abs=None, n_bad=0, n_total=0, nan_mismatch=0,
         ok=False, reason=reason,
     )  # fmt: skip
+
+
+def _recorded_tolerances(manifest: Mapping[str, Any], root: Path) -> dict[str, dict[str, Tolerance]]:
+    """The manifest's ``tolerances`` table as Tolerance values (for ``parity.tolerance_for``).
+
+    Raises:
+        BundleError: a recorded tolerance that is not ``{"atol": x, "rtol": y}`` with numbers >= 0.
+    """
+    from exporter.models.registry import Tolerance
+
+    table = manifest.get("tolerances")
+    table = table if isinstance(table, Mapping) else {}
+    out: dict[str, dict[str, Tolerance]] = {}
+    problems = []
+    for part in ("per_output", "defaults"):
+        entries = table.get(part)
+        entries = entries if isinstance(entries, Mapping) else {}
+        out[part] = {}
+        for key, value in entries.items():
+            try:
+                tol = Tolerance(float(value["atol"]), float(value["rtol"]))
+            except (TypeError, KeyError, ValueError):
+                problems.append(f"tolerances.{part}.{key} is {value!r}, expected {{'atol': x, 'rtol': y}}")
+                continue
+            if not (np.isfinite(tol.atol) and np.isfinite(tol.rtol) and tol.atol >= 0 and tol.rtol >= 0):
+                problems.append(f"tolerances.{part}.{key} is {value!r}: atol and rtol must be finite numbers >= 0")
+                continue
+            out[part][str(key)] = tol
+    if problems:
+        raise BundleError.listing(f"bundle {str(root)!r}: the manifest's tolerances are malformed; re-export the bundle", problems)
+    return out
 
 
 def verify(
@@ -529,11 +493,11 @@ def verify(
         A ParityReport; ``bool(report)`` is the verdict.
 
     Raises:
-        UsageError: not a bundle, missing files, an unknown runtime.
+        BundleError: not a bundle, missing files or test data, a malformed manifest.
+        UsageError: several bundles under ``bundle``, an unknown runtime, bad tolerances.
         MissingDependencyError: the runtime is not installed.
     """
     from exporter import parity
-    from exporter.models.registry import DEFAULT_TOLERANCES, Tolerance
     from exporter.runtimes.base import load_runtime
 
     d = find_bundles(bundle)
@@ -541,6 +505,7 @@ def verify(
         raise UsageError(f"{str(bundle)!r} holds {len(d)} bundles; verify them one at a time (the CLI accepts a directory of bundles)")
     root = d[0]
     manifest = read_manifest(root)
+    tol = parity.tolerance_for(None, atol=atol, rtol=rtol, recorded=_recorded_tolerances(manifest, root))
     problems = []
     onnx_file = root / str(manifest.get("onnx", {}).get("file", ONNX_FILE))
     if not onnx_file.is_file():
@@ -552,7 +517,7 @@ def verify(
     if not sets:
         problems.append("no test data sets")
     if problems:
-        raise UsageError(format_problems(f"bundle {str(root)!r} is incomplete; re-export it", problems))
+        raise BundleError.listing(f"bundle {str(root)!r} is incomplete; re-export it", problems)
 
     checks: list[OutputCheck] = []
     if check_hashes:
@@ -571,19 +536,10 @@ def verify(
                     _integrity_check(f.name, f"sha256 {got[:16]}... differs from the manifest's {str(want)[:16]}...: the file changed after export")
                 )
 
-    per_output = {k: Tolerance(float(v["atol"]), float(v["rtol"])) for k, v in manifest.get("tolerances", {}).get("per_output", {}).items()}
-    defaults = {k: Tolerance(float(v["atol"]), float(v["rtol"])) for k, v in manifest.get("tolerances", {}).get("defaults", {}).items()}
-
-    def tol(output: str, dtype: str) -> Tolerance:
-        base = per_output.get(output) or defaults.get(dtype) or DEFAULT_TOLERANCES.get(dtype)
-        if base is None:
-            raise UsageError(f"bundle {str(root)!r}: no tolerance recorded for output {output!r} ({dtype}); pass atol= and rtol=")
-        return Tolerance(base.atol if atol is None else float(atol), base.rtol if rtol is None else float(rtol))
-
     rt = load_runtime(runtime, str(onnx_file), **runtime_kwargs)
     try:
         for s in sets:
-            inputs, expected = read_test_data(root / s["dir"])
+            inputs, expected = testdata.read_test_data(root / s["dir"])
             label = str(s.get("case") or s["dir"])
             checks += parity.run_and_compare(rt, inputs, expected, tol, case=label, dims=s.get("dims") or {})
     finally:

@@ -1,9 +1,9 @@
-"""Crash-safe full training checkpoints.
+"""Crash-safe full training checkpoints: the step-directory format and retention.
 
 A checkpoint directory (``--ckpt-dir``) holds one sub-directory per committed step::
 
     CKPT_DIR/
-      train.lock                   held (flock) by the training run using the directory
+      train.lock                   held (flock) by the training run using the directory (exporter.lock)
       step-00000020/
         model.safetensors          canonical model state (torch-style dotted names, both frameworks)
         model_extra.safetensors    other module buffers (e.g. num_batches_tracked), if any
@@ -36,18 +36,22 @@ uses the newest valid step and warns (:class:`CheckpointWarning`) about each new
 is corrupt or partial, naming it and why; loading a step directory explicitly raises
 :class:`~exporter.errors.CheckpointCorruptError` instead.
 
-No pickle anywhere: tensors go to safetensors and everything else to JSON.  Nested
-structures (torch optimizer/scheduler state dicts, RNG states) go through
-:func:`encode_tree` / :func:`decode_tree`; JAX pytrees (optax state) through
-:func:`flatten_pytree` / :func:`restore_pytree`, which rebuild the structure from a template
-(``optimizer.init(params)``) and check count, paths, shapes and dtypes.
+No pickle anywhere: tensors go to safetensors and everything else to JSON.  Nested state
+(optimizer/scheduler state dicts, optax pytrees) is encoded by :mod:`exporter.treecodec`,
+RNG states are captured by :mod:`exporter.rng`, and :mod:`exporter.lock` keeps a second
+writer out of the directory.
+
+Arguments of the wrong form (a negative step, ``keep=0``, a bad group name, a value that is
+not an array) raise :class:`~exporter.errors.UsageError`, listing every bad argument; a
+path that exists but is not a directory raises :class:`~exporter.errors.CheckpointError`.
 
 Test-only hook: the environment variable ``EXPORTER_TEST_CRASH_AT`` makes the process
 SIGKILL itself at a named point, so tests can prove crash safety.  Points are
 ``write:<step>:<k>`` (after ``k`` files of step ``<step>`` are in the temp directory),
 ``commit:<step>`` (after the rename, before retention), ``prune:<step>`` (during the first
-retention removal: renamed to a ``.tmp-`` name, not yet deleted) and, in :mod:`exporter.training`, ``step:<n>`` (after training step ``n``,
-before its checkpoint).  Never set it outside tests.
+retention removal: renamed to a ``.tmp-`` name, not yet deleted) and, in
+:mod:`exporter.training`, ``step:<n>`` (after training step ``n``, before its checkpoint).
+Never set it outside tests.
 """
 
 from __future__ import annotations
@@ -55,9 +59,8 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
-import hashlib
 import json
-import math
+import numbers
 import os
 import re
 import shutil
@@ -65,7 +68,7 @@ import signal
 import sys
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,18 +77,16 @@ from typing import Any
 import numpy as np
 
 from exporter import atomic
-from exporter.errors import (
-    CheckpointCorruptError,
-    CheckpointError,
-    StateMismatchError,
-    format_problems,
-)
+from exporter.errors import CheckpointCorruptError, CheckpointError, ExporterError, StateMismatchError, UsageError
+from exporter.hashing import sha256_bytes, sha256_entries
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
     "STATE_JSON",
+    "FRAMEWORKS",
+    "CRASH_ENV",
     "CheckpointWarning",
     "CheckpointInfo",
     "Checkpoint",
@@ -102,24 +103,24 @@ __all__ = [
     "prune",
     "clean",
     "state_sha256",
-    "encode_tree",
-    "decode_tree",
-    "flatten_pytree",
-    "restore_pytree",
-    "capture_rng",
-    "restore_rng",
-    "lock_dir",
+    "crash_point",
 ]
 
 CHECKPOINT_FORMAT = "exporter-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE_JSON = "state.json"
-LOCK_FILE = "train.lock"
+FRAMEWORKS = ("torch", "flax")
 CRASH_ENV = "EXPORTER_TEST_CRASH_AT"
 
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _GROUP_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# dtypes safetensors writes *and* reads back as numpy (bfloat16/float8 arrays from
+# ml_dtypes are written but cannot be loaded again).
+_STORABLE = (
+    "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+    "float16", "float32", "float64", "complex64",
+)  # fmt: skip
 # Slack on top of the exact byte count: a partly filled block per file, directory entries.
 _SPACE_SLACK = 64 << 10
 _BLOCK = 4096
@@ -129,15 +130,122 @@ class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (corrupt or partial) or a leftover was cleaned up."""
 
 
-# --------------------------------------------------------------------------------------
-# test-only crash hook
-# --------------------------------------------------------------------------------------
-def _crash_point(point: str) -> None:
-    # Test-only (see module docstring): lets tests SIGKILL the process at exact points.
+def crash_point(point: str) -> None:
+    """Test-only: SIGKILL this process when ``EXPORTER_TEST_CRASH_AT`` equals ``point``."""
     if os.environ.get(CRASH_ENV) == point:
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------
+def _show(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_path(value: Any) -> bool:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return isinstance(value, str) and value != ""
+
+
+def _path_problem(name: str, value: Any) -> list[str]:
+    if _is_path(value):
+        return []
+    return [f"{name} must be a directory path (a non-empty str or os.PathLike), got {_show(value)}"]
+
+
+def _retention_problems(keep: Any, keep_every: Any, *, keep_may_be_none: bool) -> list[str]:
+    problems = []
+    if not (keep is None and keep_may_be_none) and not (_is_int(keep) and keep >= 1):
+        also = "; or None to keep all" if keep_may_be_none else ""
+        problems.append(
+            f"keep must be an integer >= 1 (how many of the newest checkpoints to keep{also}), got {_show(keep)}"
+        )
+    if keep_every is not None and not (_is_int(keep_every) and keep_every >= 1):
+        problems.append(
+            "keep_every must be None or an integer >= 1 (also keep every step that is a multiple of it), "
+            f"got {_show(keep_every)}"
+        )
+    return problems
+
+
+def _groups_problem(groups: Any) -> list[str]:
+    if groups is None:
+        return []
+    if isinstance(groups, str) or not isinstance(groups, (tuple, list, set, frozenset)):
+        return [f"groups must be None or a tuple of group names such as ('model',), got {_show(groups)}"]
+    bad = [g for g in groups if not (isinstance(g, str) and _GROUP_RE.fullmatch(g))]
+    if bad:
+        return [f"groups must name groups matching {_GROUP_RE.pattern} (e.g. 'model', 'optimizer'), got {bad!r}"]
+    return []
+
+
+def _usage(func: str, problems: list[str]) -> None:
+    if problems:
+        raise UsageError.listing(f"invalid arguments to {func}():", problems)
+
+
+def _not_a_file(path: Path, what: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(
+            f"{what} {path} is a file, not a directory; pass a checkpoint directory (or one of its "
+            "step-NNNNNNNN directories)"
+        )
+
+
+def _prepare_tensors(tensors: Any, problems: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Check ``save_checkpoint``'s ``tensors`` and turn them into storable numpy arrays."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    if not isinstance(tensors, Mapping):
+        problems.append(f"tensors must be a mapping of group name -> {{tensor name: array}}, got {_show(tensors)}")
+        return out
+    if "model" not in tensors:
+        problems.append("tensors must hold the 'model' group (the canonical model state); add tensors['model']")
+    for group, arrays in tensors.items():
+        if not (isinstance(group, str) and _GROUP_RE.fullmatch(group)):
+            problems.append(
+                f"group name {group!r} must match {_GROUP_RE.pattern} (it names <group>.safetensors); rename the group"
+            )
+            continue
+        if not isinstance(arrays, Mapping):
+            problems.append(f"group {group!r} must be a mapping of tensor name -> array, got {_show(arrays)}")
+            continue
+        clean: dict[str, np.ndarray] = {}
+        for name, arr in arrays.items():
+            where = f"tensor {group}/{name}"
+            if not isinstance(name, str) or not name or name == "__metadata__":
+                problems.append(f"tensor {group}/{name!r}: names must be non-empty str (not '__metadata__'); rename the tensor")
+                continue
+            if not (isinstance(arr, (np.ndarray, np.generic)) or hasattr(arr, "__array__")):
+                problems.append(f"{where} must be an array (numpy, or a CPU torch/jax array), got {_show(arr)}")
+                continue
+            try:
+                a = np.asarray(arr, order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
+            except (TypeError, ValueError, RuntimeError) as e:  # torch: requires grad / not on the CPU
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                problems.append(f"{where}: cannot be read as a numpy array ({reason}); pass .detach().cpu().numpy()")
+                continue
+            if a.dtype.name not in _STORABLE:
+                problems.append(
+                    f"{where}: dtype {a.dtype} cannot be stored (supported: {', '.join(_STORABLE)}); convert it, "
+                    "e.g. bfloat16 -> float32 (exact)"
+                )
+                continue
+            if not a.dtype.isnative:  # safetensors stores little-endian; hash what it stores
+                a = a.astype(a.dtype.newbyteorder("="))
+            clean[name] = a
+        out[group] = clean
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -154,7 +262,12 @@ def _step_of(path: Path) -> int | None:
 
 
 def step_dirs(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
-    """Step directories (committed names only, valid or not) in ``ckpt_dir``, oldest first."""
+    """Step directories (committed names only, valid or not) in ``ckpt_dir``, oldest first.
+
+    Raises:
+        UsageError: ``ckpt_dir`` is not a path.
+    """
+    _usage("step_dirs", _path_problem("ckpt_dir", ckpt_dir))
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
@@ -162,36 +275,32 @@ def step_dirs(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
     return [p for _s, p in sorted(found)]
 
 
-def _sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _tensor_sha256(a: np.ndarray) -> str:
-    flat = np.asarray(a, order="C").reshape(-1).view(np.uint8)
-    return hashlib.sha256(flat.data).hexdigest()
+def _tensor_bytes(a: np.ndarray) -> memoryview:
+    """The bytes a tensor's manifest sha256 covers: C order, native byte order."""
+    return np.asarray(a, order="C").reshape(-1).view(np.uint8).data
 
 
 def state_sha256(state: Mapping[str, np.ndarray]) -> str:
     """One sha256 over a flat state dict: sorted names, each with dtype, shape and bytes."""
-    h = hashlib.sha256()
+    entries = []
     for name in sorted(state):
         a = np.asarray(state[name])
-        h.update(f"{name}\0{a.dtype.str}\0{list(a.shape)}\0".encode())
-        h.update(np.asarray(a, order="C").reshape(-1).view(np.uint8).data)
-    return h.hexdigest()
+        entries.append((f"{name}\0{a.dtype.str}\0{list(a.shape)}", sha256_bytes(_tensor_bytes(a))))
+    return sha256_entries(entries)
 
 
 def _manifest_self_hash(manifest: Mapping[str, Any]) -> str:
+    # Part of the on-disk format: the sha256 of the compact, key-sorted JSON of every other field.
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.1f} GiB"
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -272,6 +381,7 @@ class Checkpoint:
         }
 
 
+
 # --------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------
@@ -290,12 +400,14 @@ def save_checkpoint(
 
     Args:
         ckpt_dir: the checkpoint directory (created if missing).
-        step: the training step the checkpoint holds (>= 0).
+        step: the training step the checkpoint holds (an integer >= 0).
         model: registry name of the model (recorded; checked on resume/export).
         framework: ``"torch"`` or ``"flax"`` (recorded; checked on resume).
         tensors: group name -> {tensor name -> array}; group ``"model"`` must hold the
-            canonical model state.  Each group becomes ``<group>.safetensors``.
-        state: JSON-serialisable document (use :func:`encode_tree` for nested state).
+            canonical model state.  Each group becomes ``<group>.safetensors``; group names
+            match ``[a-z][a-z0-9_]*``.
+        state: JSON-serialisable mapping (encode nested state with
+            :func:`exporter.treecodec.encode_tree`).
         keep: after committing, keep only the newest ``keep`` checkpoints (None: keep all).
         keep_every: additionally keep every checkpoint whose step is a multiple of this.
 
@@ -303,16 +415,41 @@ def save_checkpoint(
         The committed step directory.
 
     Raises:
-        CheckpointError: not enough free space (checked before writing), the disk filled
-            up or another OS error during the write, or the step already exists.  In every
-            case nothing under a ``step-*`` name was changed.
+        UsageError: an argument of the wrong form (every one listed): a negative or
+            non-integer step, ``keep`` < 1, a bad group name, a group that is not a
+            mapping, a value that is not an array or has a dtype safetensors cannot hold,
+            a state that is not plain JSON.
+        CheckpointError: ``ckpt_dir`` is a file, not enough free space (checked before
+            writing), the disk filled up or another OS error during the write, or the step
+            already exists.  In every case nothing under a ``step-*`` name was changed.
     """
-    assert isinstance(step, int) and step >= 0, step
-    assert "model" in tensors, "the 'model' tensor group is required"
-    for g in tensors:
-        assert _GROUP_RE.match(g), f"bad group name {g!r}"
+    problems = _path_problem("ckpt_dir", ckpt_dir)
+    if not (_is_int(step) and step >= 0):
+        problems.append(f"step must be an integer >= 0 (the training step the checkpoint holds), got {_show(step)}")
+    if not (isinstance(model, str) and model):
+        problems.append(f"model must be the model's registry name (a non-empty str), got {_show(model)}")
+    if not (isinstance(framework, str) and framework in FRAMEWORKS):
+        problems.append(f"framework must be one of {', '.join(map(repr, FRAMEWORKS))}, got {_show(framework)}")
+    problems += _retention_problems(keep, keep_every, keep_may_be_none=True)
+    groups = _prepare_tensors(tensors, problems)
+    state_bytes = b""
+    if not isinstance(state, Mapping):
+        problems.append(f"state must be a JSON-serialisable mapping, got {_show(state)}")
+    else:
+        try:
+            state_bytes = json.dumps(dict(state), indent=1, allow_nan=False).encode()
+        except (TypeError, ValueError) as e:
+            problems.append(f"state must be plain JSON ({e}); encode nested state with exporter.treecodec.encode_tree")
+    _usage("save_checkpoint", problems)
+    step = int(step)
     root = Path(ckpt_dir)
     final = root / step_dirname(step)
+    _not_a_file(root, "checkpoint directory")
+    if final.exists():
+        raise CheckpointError(
+            f"checkpoint {final} already exists; a step is written only once. Remove it (or use an "
+            f"empty --ckpt-dir) to write step {step} again"
+        )
 
     files: dict[str, bytes] = {}
     tensor_index: dict[str, dict[str, Any]] = {}
@@ -323,26 +460,17 @@ def save_checkpoint(
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         tensor_hashes: dict[tuple[str, str], Future[str]] = {}
         file_hashes: dict[str, Future[str]] = {}
-        for group, arrays in tensors.items():
-            clean = {}
-            entries = {}
+        for group, arrays in groups.items():
             fname = f"{group}.safetensors"
-            for name, arr in arrays.items():
-                a = np.asarray(arr, order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
-                assert a.dtype != object, f"{group}/{name}: object arrays cannot be stored"
-                clean[name] = a
-                entries[name] = {"dtype": a.dtype.name, "shape": list(a.shape)}
-                tensor_hashes[fname, name] = pool.submit(_tensor_sha256, a)
+            tensor_index[fname] = {n: {"dtype": a.dtype.name, "shape": list(a.shape)} for n, a in arrays.items()}
+            for name, a in arrays.items():
+                tensor_hashes[fname, name] = pool.submit(sha256_bytes, _tensor_bytes(a))
             # One metadata key only: safetensors writes metadata in hash-map order, and a
             # single key keeps the bytes (and so the file hashes) reproducible across runs.
-            files[fname] = st_save(clean, metadata={"format": CHECKPOINT_FORMAT})
-            file_hashes[fname] = pool.submit(_sha256_hex, files[fname])
-            tensor_index[fname] = entries
-        try:
-            files[STATE_JSON] = json.dumps(state, indent=1, allow_nan=False).encode()
-        except (TypeError, ValueError) as e:
-            raise AssertionError(f"checkpoint state is not plain JSON (use encode_tree): {e}") from e
-        file_hashes[STATE_JSON] = pool.submit(_sha256_hex, files[STATE_JSON])
+            files[fname] = st_save(arrays, metadata={"format": CHECKPOINT_FORMAT})
+            file_hashes[fname] = pool.submit(sha256_bytes, files[fname])
+        files[STATE_JSON] = state_bytes
+        file_hashes[STATE_JSON] = pool.submit(sha256_bytes, state_bytes)
         for (fname, name), fut in tensor_hashes.items():
             tensor_index[fname][name]["sha256"] = fut.result()
         file_sha = {n: f.result() for n, f in file_hashes.items()}
@@ -362,16 +490,11 @@ def save_checkpoint(
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
 
     previous = step_dirs(root)
-    prev_note = (
-        f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-    )
-    if final.exists():
-        raise CheckpointError(
-            f"checkpoint {final} already exists; a step is written only once. Remove it (or use an "
-            f"empty --ckpt-dir) to write step {step} again"
-        )
-
-    root.mkdir(parents=True, exist_ok=True)
+    prev_note = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the checkpoint directory {root}: {e}") from e
     need = sum(len(b) for b in files.values()) + len(manifest_bytes) + _BLOCK * (len(files) + 2) + _SPACE_SLACK
     free = shutil.disk_usage(root).free
     if free < need and keep is not None:
@@ -386,10 +509,10 @@ def save_checkpoint(
 
     try:
         with atomic.atomic_dir(final, replace=False) as tmp:
-            _crash_point(f"write:{step}:0")
+            crash_point(f"write:{step}:0")
             for k, (name, data) in enumerate(files.items(), start=1):
                 _write_file(tmp / name, data)
-                _crash_point(f"write:{step}:{k}")
+                crash_point(f"write:{step}:{k}")
             _write_file(tmp / MANIFEST, manifest_bytes)  # last: its presence marks completeness
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -401,10 +524,10 @@ def save_checkpoint(
         raise CheckpointError(
             f"cannot write checkpoint step {step} in {root}: {e}; the partial write was removed and {prev_note}"
         ) from e
-    _crash_point(f"commit:{step}")
+    crash_point(f"commit:{step}")
 
     if keep is not None:
-        prune(root, keep=keep, keep_every=keep_every, protect=final, _crash_tag=str(step))
+        _prune(root, keep, keep_every, protect=final, crash_tag=str(step))
     return final
 
 
@@ -415,7 +538,7 @@ def _remove_step(root: Path, p: Path, crash: str | None = None) -> None:
     os.replace(p, doomed)
     atomic.fsync_dir(root)
     if crash is not None:
-        _crash_point(crash)
+        crash_point(crash)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -450,7 +573,6 @@ def prune(
     keep: int,
     keep_every: int | None = None,
     protect: str | os.PathLike[str] | None = None,
-    _crash_tag: str | None = None,
 ) -> list[Path]:
     """Retention: keep the newest ``keep`` committed checkpoints and every ``keep_every``-th step.
 
@@ -459,24 +581,38 @@ def prune(
     so a crash mid-removal never leaves a half-deleted ``step-*`` directory.
 
     Args:
-        ckpt_dir: the checkpoint directory.
-        keep: how many of the newest committed checkpoints to keep (>= 1).
+        ckpt_dir: the checkpoint directory (a missing one holds nothing to remove).
+        keep: how many of the newest committed checkpoints to keep (an integer >= 1).
         keep_every: also keep steps that are multiples of this (None: no extra ones).
         protect: a step directory that must survive (the one just written).
 
     Returns:
         The step directories removed.
+
+    Raises:
+        UsageError: ``keep``/``keep_every`` not integers >= 1, or a path argument that is
+            not a path.
+        CheckpointError: ``ckpt_dir`` is a file.
     """
-    assert keep >= 1, keep
-    assert keep_every is None or keep_every >= 1, keep_every
+    problems = _path_problem("ckpt_dir", ckpt_dir) + _retention_problems(keep, keep_every, keep_may_be_none=False)
+    if protect is not None and not _is_path(protect):
+        problems.append(f"protect must be None or the path of a step directory, got {_show(protect)}")
+    _usage("prune", problems)
     root = Path(ckpt_dir)
+    _not_a_file(root, "checkpoint directory")
+    return _prune(root, keep, keep_every, protect=Path(protect) if protect is not None else None)
+
+
+def _prune(
+    root: Path, keep: int, keep_every: int | None, *, protect: Path | None, crash_tag: str | None = None
+) -> list[Path]:
     dirs = step_dirs(root)
     committed = [p for p in dirs if (p / MANIFEST).is_file()]
     keep_set = set(committed[-keep:])
     if keep_every:
         keep_set |= {p for p in committed if (_step_of(p) or 0) % keep_every == 0}
     if protect is not None:
-        keep_set.add(Path(protect))
+        keep_set.add(protect)
     if not keep_set:
         return []
     newest_kept = max(_step_of(p) or 0 for p in keep_set)
@@ -484,7 +620,7 @@ def prune(
     for p in dirs:
         if p in keep_set or (_step_of(p) or 0) >= newest_kept:
             continue
-        _remove_step(root, p, f"prune:{_crash_tag}" if _crash_tag is not None and not removed else None)
+        _remove_step(root, p, f"prune:{crash_tag}" if crash_tag is not None and not removed else None)
         removed.append(p)
     return removed
 
@@ -493,11 +629,17 @@ def clean(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
     """Remove leftover ``.tmp-*`` entries (a crash's partial writes) from ``ckpt_dir``.
 
     Only call this while no other process writes into ``ckpt_dir`` (training holds
-    ``train.lock`` for that).
+    ``train.lock`` for that, :func:`exporter.lock.lock_dir`).
 
     Returns:
-        The removed paths.
+        The removed paths (none when ``ckpt_dir`` does not exist).
+
+    Raises:
+        UsageError: ``ckpt_dir`` is not a path.
+        CheckpointError: ``ckpt_dir`` is a file.
     """
+    _usage("clean", _path_problem("ckpt_dir", ckpt_dir))
+    _not_a_file(Path(ckpt_dir), "checkpoint directory")
     return atomic.clean_temp(ckpt_dir)
 
 
@@ -580,7 +722,7 @@ def _check_file(
         problems.append(f"{fname}: {len(data)} bytes, expected {meta.get('bytes')} (truncated or altered)")
         digest = None
     else:
-        digest = pool.submit(_sha256_hex, data)
+        digest = pool.submit(sha256_bytes, data)
     if fname.endswith(".safetensors"):
         wanted = want is None or fname.removesuffix(".safetensors") in want
         arrays, parse_error = None, None
@@ -617,7 +759,7 @@ def _check_file(
                         f"{fname}: tensor {name!r} is {a.dtype.name}{list(a.shape)}, "
                         f"manifest says {e['dtype']}{e['shape']}"
                     )
-                elif check_tensors and _tensor_sha256(a) != e["sha256"]:
+                elif check_tensors and sha256_bytes(_tensor_bytes(a)) != e["sha256"]:
                     problems.append(f"{fname}: tensor {name!r} sha256 mismatch (content altered or damaged)")
         loaded[fname] = arrays
         return
@@ -635,7 +777,11 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> list[str]:
 
     Returns:
         The problems found, one line each (empty list: the checkpoint is valid).
+
+    Raises:
+        UsageError: ``path`` is not a path.
     """
+    _usage("verify_checkpoint", _path_problem("path", path))
     p = Path(path)
     if not p.is_dir():
         return [f"{p} is not a directory"]
@@ -643,14 +789,18 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> list[str]:
     return sorted(problems)
 
 
-def _corrupt_error(path: Path, problems: list[str]) -> CheckpointCorruptError:
-    return CheckpointCorruptError(
-        format_problems(
-            f"checkpoint {path} is corrupt or incomplete; load an older step directory, or the checkpoint "
-            "directory itself to use its newest valid step:",
-            problems,
-        )
+def _corrupt_error(path: Path, problems: list[str]) -> ExporterError:
+    return CheckpointCorruptError.listing(
+        f"checkpoint {path} is corrupt or incomplete; load an older step directory, or the checkpoint "
+        "directory itself to use its newest valid step:",
+        problems,
     )
+
+
+def _step_dir_arg(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a step-NNNNNNNN directory or a checkpoint directory")
+    _not_a_file(path, "checkpoint")
 
 
 def _try_load(p: Path, groups: tuple[str, ...] | None) -> tuple[Checkpoint | None, list[str]]:
@@ -687,12 +837,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, groups: tuple[str, ...] | N
     Raises:
         CheckpointCorruptError: the manifest is missing/damaged or any file/tensor does not
             match it; every problem is listed.
-        CheckpointError: ``path`` is not a directory.
+        CheckpointError: ``path`` does not exist or is a file.
+        UsageError: ``path`` is not a path, or ``groups`` is not a tuple of group names.
     """
+    _usage("load_checkpoint", _path_problem("path", path) + _groups_problem(groups))
     p = Path(path)
-    if not p.is_dir():
-        raise CheckpointError(f"checkpoint {p} does not exist or is not a directory")
-    ckpt, problems = _try_load(p, groups)
+    _step_dir_arg(p)
+    ckpt, problems = _try_load(p, tuple(groups) if groups is not None else None)
     if ckpt is None:
         raise _corrupt_error(p, problems)
     return ckpt
@@ -717,12 +868,25 @@ def latest_checkpoint(
         warn: emit the warnings (default True).
 
     Returns:
-        The checkpoint, or None when ``ckpt_dir`` holds no step directories at all.
+        The checkpoint, or None when ``ckpt_dir`` holds no step directories at all (or
+        does not exist).
 
     Raises:
         CheckpointCorruptError: step directories exist but none of them is valid.
+        CheckpointError: ``ckpt_dir`` is a file.
+        UsageError: an argument of the wrong type (``groups`` not a tuple of group names,
+            ``skipped`` not a list, ``warn`` not a bool).
     """
+    problems = _path_problem("ckpt_dir", ckpt_dir) + _groups_problem(groups)
+    if skipped is not None and not isinstance(skipped, list):
+        problems.append(f"skipped must be None or a list (it receives (path, problems) pairs), got {_show(skipped)}")
+    if not isinstance(warn, bool):
+        problems.append(f"warn must be True or False, got {_show(warn)}")
+    _usage("latest_checkpoint", problems)
     root = Path(ckpt_dir)
+    _not_a_file(root, "checkpoint directory")
+    if groups is not None:
+        groups = tuple(groups)
     bad: list[tuple[Path, list[str]]] = []
     result: Checkpoint | None = None
     for p in reversed(step_dirs(root)):
@@ -741,12 +905,10 @@ def latest_checkpoint(
                 stacklevel=2,
             )
     if result is None and bad:
-        raise CheckpointCorruptError(
-            format_problems(
-                f"no valid checkpoint in {root}; every step directory failed verification (move them away "
-                "to start over):",
-                [f"{p.name}: {'; '.join(probs)}" for p, probs in bad],
-            )
+        raise CheckpointCorruptError.listing(
+            f"no valid checkpoint in {root}; every step directory failed verification (move them away "
+            "to start over):",
+            [f"invalid {p.name}: {'; '.join(probs)}" for p, probs in bad],
         )
     return result
 
@@ -755,7 +917,17 @@ def list_checkpoints(ckpt_dir: str | os.PathLike[str], *, verify: bool = True) -
     """Every step directory in ``ckpt_dir``, oldest first, with its validity.
 
     ``verify=False`` only reads manifests (no hashing), so ``valid`` then means "manifest ok".
+    A missing ``ckpt_dir`` holds none.
+
+    Raises:
+        UsageError: ``ckpt_dir`` is not a path or ``verify`` not a bool.
+        CheckpointError: ``ckpt_dir`` is a file.
     """
+    problems = _path_problem("ckpt_dir", ckpt_dir)
+    if not isinstance(verify, bool):
+        problems.append(f"verify must be True or False, got {_show(verify)}")
+    _usage("list_checkpoints", problems)
+    _not_a_file(Path(ckpt_dir), "checkpoint directory")
     out = []
     for p in step_dirs(ckpt_dir):
         manifest, problems = _read_manifest(p)
@@ -791,7 +963,11 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     Cheap: reads at most one manifest and lists the directory; hashes are checked on load.
     A directory holding ``step-NNNNNNNN`` sub-directories counts even if they are all
     damaged, so that loading it reports the damage instead of "unknown format".
+
+    Raises:
+        UsageError: ``path`` is not a path.
     """
+    _usage("is_checkpoint", _path_problem("path", path))
     p = Path(path)
     if not p.is_dir():
         return False
@@ -815,12 +991,16 @@ def model_checkpoint(path: str | os.PathLike[str], *, model: str | None = None) 
 
     Raises:
         CheckpointCorruptError: the step directory (or every step directory) is damaged.
-        CheckpointError: no checkpoint at ``path``.
+        CheckpointError: no checkpoint at ``path`` (missing, a file, or no step directories).
         StateMismatchError: the checkpoint was trained for a different model than ``model``.
+        UsageError: ``path`` is not a path or ``model`` not None/a registry name.
     """
+    problems = _path_problem("path", path)
+    if model is not None and not (isinstance(model, str) and model):
+        problems.append(f"model must be None or a registry name (a non-empty str), got {_show(model)}")
+    _usage("model_checkpoint", problems)
     p = Path(path)
-    if not p.is_dir():
-        raise CheckpointError(f"checkpoint {p} does not exist or is not a directory")
+    _step_dir_arg(p)
     if (p / MANIFEST).exists() or _step_of(p) is not None:
         ckpt = load_checkpoint(p, groups=("model",))
     else:
@@ -853,311 +1033,3 @@ def load_model_state(path: str | os.PathLike[str], *, model: str | None = None) 
         As :func:`model_checkpoint`.
     """
     return dict(model_checkpoint(path, model=model).group("model"))
-
-
-# --------------------------------------------------------------------------------------
-# nested state <-> (JSON document, tensors)
-# --------------------------------------------------------------------------------------
-_TORCH_WIDEN = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-
-
-def _is_torch_tensor(obj: Any) -> bool:
-    t = sys.modules.get("torch")
-    return t is not None and isinstance(obj, t.Tensor)
-
-
-def _is_jax_array(obj: Any) -> bool:
-    j = sys.modules.get("jax")
-    return j is not None and isinstance(obj, j.Array)
-
-
-def encode_tree(obj: Any, tensors: dict[str, np.ndarray], prefix: str = "") -> Any:
-    """Encode a nested state (e.g. ``optimizer.state_dict()``) as JSON, moving tensors out.
-
-    Supports dicts (any int/str/float/bool/None keys, order kept), lists, tuples, None,
-    bool, int, float (including nan/inf), str, numpy scalars and arrays, torch tensors
-    (dtype and device recorded; bfloat16/float8 stored widened to float32, which is exact)
-    and jax arrays.  Tensors are added to ``tensors`` under their path and referenced as
-    ``{"__tensor__": key}``; :func:`decode_tree` rebuilds the exact structure.
-
-    Raises:
-        CheckpointError: a value of an unsupported type (names its path).
-    """
-
-    def key_of(path: str) -> str:
-        k = path or "value"
-        while k in tensors:
-            k += "#"
-        return k
-
-    def enc(o: Any, path: str) -> Any:
-        if o is None or isinstance(o, (bool, str)):
-            return o
-        if isinstance(o, int) and not isinstance(o, bool):
-            return o
-        if isinstance(o, float):
-            return o if math.isfinite(o) else {"__float__": repr(o)}
-        if isinstance(o, np.generic):
-            return {"__scalar__": o.dtype.name, "value": enc(o.item(), path)}
-        if isinstance(o, np.ndarray):
-            k = key_of(path)
-            tensors[k] = np.array(o, order="C", copy=True)
-            return {"__tensor__": k, "kind": "numpy"}
-        if _is_torch_tensor(o):
-            t = o.detach()
-            ref: dict[str, Any] = {"__tensor__": "", "kind": "torch", "device": str(t.device)}
-            dt = str(t.dtype).removeprefix("torch.")
-            if dt in _TORCH_WIDEN:
-                ref["torch_dtype"] = dt
-                t = t.float()
-            k = key_of(path)
-            ref["__tensor__"] = k
-            tensors[k] = np.array(t.cpu().numpy(), order="C", copy=True)
-            return ref
-        if _is_jax_array(o):
-            k = key_of(path)
-            tensors[k] = np.array(o, order="C", copy=True)
-            return {"__tensor__": k, "kind": "jax"}
-        if isinstance(o, tuple):
-            return {"__tuple__": [enc(v, f"{path}/{i}") for i, v in enumerate(o)]}
-        if isinstance(o, list):
-            return [enc(v, f"{path}/{i}") for i, v in enumerate(o)]
-        if isinstance(o, dict):
-            if all(isinstance(k, str) and not k.startswith("__") for k in o):
-                return {k: enc(v, f"{path}/{k}" if path else k) for k, v in o.items()}
-            items = []
-            for k, v in o.items():
-                if not (k is None or isinstance(k, (str, int, float, bool))):
-                    raise CheckpointError(
-                        f"cannot store state at {path or '<root>'!r}: dict key {k!r} of type {type(k).__name__}"
-                    )
-                items.append([enc(k, path), enc(v, f"{path}/{k}" if path else str(k))])
-            return {"__dict__": items}
-        raise CheckpointError(
-            f"cannot store state at {path or '<root>'!r}: values of type {type(o).__module__}.{type(o).__name__} "
-            "are not supported (use tensors, numbers, strings, lists, tuples and dicts)"
-        )
-
-    return enc(obj, prefix)
-
-
-def decode_tree(doc: Any, tensors: Mapping[str, np.ndarray]) -> Any:
-    """Inverse of :func:`encode_tree`.
-
-    Raises:
-        CheckpointCorruptError: a referenced tensor is missing.
-    """
-
-    def dec(o: Any) -> Any:
-        if isinstance(o, list):
-            return [dec(v) for v in o]
-        if not isinstance(o, dict):
-            return o
-        if "__float__" in o:
-            return float(o["__float__"])
-        if "__scalar__" in o:
-            return np.dtype(o["__scalar__"]).type(dec(o["value"]))
-        if "__tuple__" in o:
-            return tuple(dec(v) for v in o["__tuple__"])
-        if "__dict__" in o:
-            return {dec(k): dec(v) for k, v in o["__dict__"]}
-        if "__tensor__" in o:
-            key = o["__tensor__"]
-            if key not in tensors:
-                raise CheckpointCorruptError(f"checkpoint state refers to tensor {key!r}, which is not stored")
-            arr = tensors[key]
-            kind = o.get("kind", "numpy")
-            if kind == "numpy":
-                return np.array(arr)
-            if kind == "jax":
-                import jax.numpy as jnp
-
-                return jnp.asarray(arr)
-            assert kind == "torch", kind
-            import torch
-
-            t = torch.from_numpy(np.array(arr))
-            if "torch_dtype" in o:
-                t = t.to(getattr(torch, o["torch_dtype"]))
-            device = o.get("device", "cpu")
-            if device != "cpu":
-                t = t.to(device)
-            return t
-        return {k: dec(v) for k, v in o.items()}
-
-    return dec(doc)
-
-
-def flatten_pytree(tree: Any, prefix: str = "") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Flatten a JAX pytree (e.g. an optax state) into (structure document, tensors).
-
-    The document records the treedef (as text, for checking) and every leaf's path, dtype
-    and shape; the tensors are keyed ``prefix + keystr(path)``.  Rebuild with
-    :func:`restore_pytree` and a template of the same structure.
-    """
-    import jax
-
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    doc_leaves = []
-    tensors: dict[str, np.ndarray] = {}
-    for path, leaf in leaves:
-        key = prefix + jax.tree_util.keystr(path)
-        a = np.array(leaf, order="C", copy=True)
-        tensors[key] = a
-        doc_leaves.append({"key": key, "dtype": a.dtype.name, "shape": list(a.shape)})
-    return {"treedef": str(treedef), "leaves": doc_leaves}, tensors
-
-
-def restore_pytree(template: Any, doc: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *, what: str = "pytree") -> Any:
-    """Rebuild a pytree saved by :func:`flatten_pytree` into the structure of ``template``.
-
-    ``template`` is a freshly built tree of the same kind (``optimizer.init(params)``); its
-    leaf count, paths, shapes and dtypes must match the saved ones.  Leaves come back as the
-    template's leaf types (jax arrays stay jax arrays, numpy stays numpy, Python scalars
-    stay Python scalars).
-
-    Raises:
-        CheckpointError: the structures differ (every difference listed) — e.g. the
-            optimizer configuration changed since the checkpoint was written.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    saved = list(doc.get("leaves", []))
-    problems: list[str] = []
-    if str(treedef) != doc.get("treedef"):
-        problems.append(f"structure differs: saved {doc.get('treedef')} vs now {treedef}")
-    if len(saved) != len(leaves):
-        problems.append(f"saved {len(saved)} leaves, the current structure has {len(leaves)}")
-    out = []
-    for i, ((path, leaf), s) in enumerate(zip(leaves, saved)):
-        cur = np.asarray(leaf)
-        key = s.get("key")
-        if key not in tensors:
-            problems.append(f"leaf {i} ({key}): tensor missing")
-            continue
-        a = tensors[key]
-        if list(a.shape) != list(cur.shape) or a.dtype != cur.dtype:
-            problems.append(
-                f"leaf {i} {jax.tree_util.keystr(path)}: saved {a.dtype.name}{list(a.shape)}, "
-                f"expected {cur.dtype.name}{list(cur.shape)}"
-            )
-            continue
-        if isinstance(leaf, jax.Array):
-            out.append(jnp.asarray(a))
-        elif isinstance(leaf, np.ndarray):
-            out.append(np.array(a))
-        elif isinstance(leaf, np.generic):
-            out.append(a[()])
-        else:
-            out.append(type(leaf)(a.item()))
-    if problems:
-        raise CheckpointError(
-            format_problems(
-                f"the saved {what} does not fit the current one (did the model or optimizer change since the "
-                "checkpoint was written? use the same settings or a new --ckpt-dir):",
-                problems,
-            )
-        )
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-# --------------------------------------------------------------------------------------
-# RNG states
-# --------------------------------------------------------------------------------------
-def capture_rng(
-    generators: Mapping[str, np.random.Generator] | None = None, *, torch: bool | None = None
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Capture Python ``random``, NumPy (global + named generators) and torch CPU/CUDA RNG states.
-
-    Args:
-        generators: named ``numpy.random.Generator`` objects to capture as well.
-        torch: capture torch's states (default: when torch is already imported).
-
-    Returns:
-        (JSON document, tensors) to store; restore with :func:`restore_rng`.
-    """
-    import random
-
-    tensors: dict[str, np.ndarray] = {}
-    py = random.getstate()
-    doc: dict[str, Any] = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy_global": encode_tree(np.random.get_state(legacy=False), tensors, "numpy_global"),
-        "numpy": {n: encode_tree(g.bit_generator.state, tensors, f"numpy/{n}") for n, g in (generators or {}).items()},
-    }
-    if torch is None:
-        torch = "torch" in sys.modules
-    if torch:
-        import torch as _torch
-
-        tensors["torch/cpu"] = _torch.get_rng_state().numpy().copy()
-        doc["torch_cpu"] = "torch/cpu"
-        if _torch.cuda.is_available():
-            states = _torch.cuda.get_rng_state_all()
-            doc["torch_cuda"] = [f"torch/cuda/{i}" for i in range(len(states))]
-            for i, s in enumerate(states):
-                tensors[f"torch/cuda/{i}"] = s.numpy().copy()
-    return doc, tensors
-
-
-def restore_rng(
-    doc: Mapping[str, Any],
-    tensors: Mapping[str, np.ndarray],
-    generators: Mapping[str, np.random.Generator] | None = None,
-) -> None:
-    """Restore the RNG states captured by :func:`capture_rng` (named generators in place).
-
-    Raises:
-        CheckpointError: a named generator has no saved state, or CUDA states were saved
-            but CUDA is not available now (a bit-exact resume is then impossible).
-    """
-    import random
-
-    v, state, gauss = doc["python"]
-    random.setstate((v, tuple(state), gauss))
-    np.random.set_state(decode_tree(doc["numpy_global"], tensors))
-    for name, g in (generators or {}).items():
-        if name not in doc.get("numpy", {}):
-            raise CheckpointError(f"checkpoint holds no state for NumPy generator {name!r}")
-        g.bit_generator.state = decode_tree(doc["numpy"][name], tensors)
-    if "torch_cpu" in doc:
-        import torch
-
-        torch.set_rng_state(torch.from_numpy(np.array(tensors[doc["torch_cpu"]])))
-        if doc.get("torch_cuda"):
-            if not torch.cuda.is_available():
-                raise CheckpointError(
-                    "the checkpoint was written with CUDA RNG states but CUDA is not available; resume on a "
-                    "machine with the same GPUs for a bit-exact run"
-                )
-            torch.cuda.set_rng_state_all([torch.from_numpy(np.array(tensors[k])) for k in doc["torch_cuda"]])
-
-
-@contextlib.contextmanager
-def lock_dir(ckpt_dir: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold an exclusive advisory lock (``train.lock``) on ``ckpt_dir``; released when the process dies.
-
-    Raises:
-        CheckpointError: another process holds it.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(ckpt_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise CheckpointError(
-                f"another training run is using {ckpt_dir} (it holds {ckpt_dir / LOCK_FILE}); wait for it to "
-                "finish or use another --ckpt-dir"
-            ) from None
-        yield
-    finally:
-        os.close(fd)

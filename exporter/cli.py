@@ -11,7 +11,8 @@
                                          [--keep-every M] [--framework torch|flax] [--seed S] [--json]
 
 Exit codes: 0 success, 1 parity/verification failure, 2 bad usage or bad input (one
-``Type: message`` on stderr, no traceback).  Reports go to stdout (``--json``: JSON);
+``Type: message`` on stderr, no traceback; with ``--json`` also a JSON object on stdout
+holding the error's full ``problems`` list).  Reports go to stdout (``--json``: JSON);
 progress goes to stderr.
 """
 
@@ -22,7 +23,6 @@ import json
 import re
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 from exporter import atomic
@@ -64,6 +64,13 @@ def _rename_rule(text: str) -> tuple[str, str]:
     except re.error as e:
         raise argparse.ArgumentTypeError(f"bad regular expression {pattern!r}: {e}") from None
     return pattern, replacement
+
+
+class _MergeDims(argparse.Action):
+    """``--dims seq=1,2 --dims n=3`` -> ``{"seq": [1, 2], "n": [3]}``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None) -> None:
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), **values})
 
 
 def _add_rename(p: argparse.ArgumentParser) -> None:
@@ -136,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dims",
         type=_dim_sizes,
-        action="append",
+        action=_MergeDims,
         metavar="DIM=LIST",
         help="sizes of another dynamic dim crossed with the batch sizes, e.g. seq=1,16,64 "
         "(repeatable; default: the model's sweep dims)",
@@ -218,8 +225,6 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _cmd_export(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from exporter import api
 
-    several = args.all_models or len(args.model) > 1 or args.framework == "all"
-
     def progress(line: str) -> None:
         err.write(line + "\n")
         err.flush()
@@ -232,14 +237,14 @@ def _cmd_export(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out=args.out,
         opset=args.opset,
         batch_sizes=args.batch_sizes,
-        dims=dict(kv for d in args.dims for kv in d.items()) if args.dims else None,
+        dims=args.dims,
         rename=args.rename,
         atol=args.atol,
         rtol=args.rtol,
         inputs=args.inputs,
         seed=args.seed,
         external_data=args.external_data,
-        progress=progress if several else None,
+        progress=progress,
     )
     if args.junit:
         atomic.write_text(args.junit, report.to_junit_xml())
@@ -253,22 +258,16 @@ def _cmd_export(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from exporter import api, bundle
+    from exporter import api
 
-    paths: list[Path] = []
-    for b in args.bundles:
-        paths += bundle.find_bundles(b)
-    reports = [api.verify(p, args.runtime, atol=args.atol, rtol=args.rtol) for p in dict.fromkeys(paths)]
+    report = api.verify_all(args.bundles, args.runtime, atol=args.atol, rtol=args.rtol)
     if args.junit:
-        atomic.write_text(args.junit, api.merge_junit(reports))
+        atomic.write_text(args.junit, report.to_junit_xml())
     if args.json:
-        _print_json(reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports], out)
+        _print_json(report.to_dict(), out)
     else:
-        for p, r in zip(dict.fromkeys(paths), reports):
-            out.write(f"{p}\n{r.table()}\n")
-            if not r.ok:
-                out.write("failures:\n" + "".join(f"  - {line}\n" for line in r.failures()))
-    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAIL
+        out.write(report.table() + "\n")
+    return report.exit_code
 
 
 def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -354,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_plugins([m.strip() for r in registries for m in r.split(",") if m.strip()])
         return _COMMANDS[args.command](args, out, err)
     except ExporterError as e:
+        if getattr(args, "json", False):
+            error = {"error": type(e).__name__, "message": str(e), "problems": list(e.problems), "exit_code": e.exit_code}
+            _print_json({"ok": False, "error": error}, out)
         err.write(f"{type(e).__name__}: {e}\n")
         return e.exit_code
     except KeyboardInterrupt:

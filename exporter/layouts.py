@@ -6,7 +6,9 @@ flattened as ``"<collection>/<path>/<leaf>"``, e.g. ``"params/hidden/kernel"`` o
 ``"batch_stats/bn/mean"``.
 
 Each registry entry lists ``Rule`` objects; each rule knows the canonical names it owns
-and how to move them to and from flax layout.  Conversions are pure transposes/reshapes,
+and how to move them to and from flax layout.  A rule checks its own fields when it is
+made (module paths, ``heads``, ``bias``) and :func:`rule_problems` checks a whole layout
+(no name owned twice); both raise ``UsageError`` for a bad user-written rule.  Conversions are pure transposes/reshapes,
 so canonical -> flax -> canonical is bit-exact.
 
     rule            torch (canonical)                         flax
@@ -29,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from exporter.errors import StateMismatchError, format_problems
+from exporter.errors import StateMismatchError, UsageError, format_problems
 
 __all__ = [
     "Rule",
+    "rule_problems",
     "Dense",
     "Conv",
     "BatchNorm",
@@ -78,6 +81,15 @@ class Rule:
     torch: str
     flax: str
 
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise UsageError.listing(f"bad layout rule {self!r}", problems)
+
+    def problems(self) -> list[str]:
+        """What is wrong with this rule's own fields (empty: nothing).  Subclasses add theirs."""
+        return _path_problems("torch", self.torch, ".") + _path_problems("flax", self.flax, "/")
+
     # -- one-to-one mapping: (canonical name, flax flat key, kind) ---------------------
     def pairs(self) -> list[tuple[str, str, str]]:
         raise NotImplementedError(type(self).__name__)
@@ -97,6 +109,31 @@ class Rule:
     def from_flax(self, flat: Mapping[str, Array]) -> dict[str, Array]:
         """Flat flax arrays (all of ``self.flax_keys()``) -> canonical arrays (views)."""
         return {c: _FROM_FLAX[k](flat[f]) for c, f, k in self.pairs()}
+
+
+def _path_problems(field: str, value: object, sep: str) -> list[str]:
+    """Problems of a torch (``sep="."``) or flax (``sep="/"``) module path.
+
+    ``""`` is the model's root (a model that is one ``Linear``: keys ``weight``,
+    ``params/kernel``); otherwise every ``sep``-separated part must be a name without
+    whitespace (``"a..b"``, ``".a"``, ``"a/"`` or ``"a b"`` name no module).
+    """
+    example = "encoder.layer.0" if sep == "." else "encoder/layer_0"
+    if not isinstance(value, str):
+        return [f"{field} must be a str module path such as {example!r}, got {type(value).__name__} {value!r}"]
+    if value and any(not part or any(c.isspace() for c in part) for part in value.split(sep)):
+        return [f"{field} path {value!r} has an empty part or whitespace; join module names with {sep!r}, e.g. {example!r}"]
+    return []
+
+
+def _bias_problems(bias: object) -> list[str]:
+    return [] if isinstance(bias, bool) else [f"bias must be True or False, got {bias!r}"]
+
+
+def _heads_problems(heads: object) -> list[str]:
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        return [f"heads must be an int >= 1, got {heads!r}"]
+    return []
 
 
 def _t2(a: Array) -> Array:
@@ -121,6 +158,9 @@ class Dense(Rule):
 
     bias: bool = True
 
+    def problems(self) -> list[str]:
+        return super().problems() + _bias_problems(self.bias)
+
     def pairs(self) -> list[tuple[str, str, str]]:
         out = [(_join(self.torch, "weight"), _fjoin("params", self.flax, "kernel"), "linear")]
         if self.bias:
@@ -133,6 +173,9 @@ class Conv(Rule):
     """torch ``Conv2d.weight`` OIHW <-> flax ``Conv.kernel`` HWIO; bias as is."""
 
     bias: bool = True
+
+    def problems(self) -> list[str]:
+        return super().problems() + _bias_problems(self.bias)
 
     def pairs(self) -> list[tuple[str, str, str]]:
         out = [(_join(self.torch, "weight"), _fjoin("params", self.flax, "kernel"), "conv")]
@@ -173,11 +216,20 @@ class Embedding(Rule):
         return [(_join(self.torch, "weight"), _fjoin("params", self.flax, "embedding"), "same")]
 
 
+def _heads_mismatch(width: int, heads: int) -> UsageError:
+    # Shapes reaching a rule were checked against the model's own build, so a width that
+    # does not split into ``heads`` means the rule's ``heads`` is not the model's.
+    return UsageError(
+        f"attention layout rule: projection width {width} is not divisible by {heads} heads; "
+        "set the rule's heads= to the model's number of attention heads"
+    )
+
+
 def _heads_split(kernel_t: Array, heads: int) -> Array:
     """torch (H*D, E) projection weight -> flax DenseGeneral kernel (E, H, D)."""
     hd, e = kernel_t.shape
     if hd % heads:
-        raise ValueError(f"projection width {hd} is not divisible by {heads} heads")
+        raise _heads_mismatch(hd, heads)
     return kernel_t.T.reshape(e, heads, hd // heads)
 
 
@@ -191,7 +243,7 @@ def _out_split(weight: Array, heads: int) -> Array:
     """torch out-projection weight (E, H*D) -> flax (H, D, E)."""
     e, hd = weight.shape
     if hd % heads:
-        raise ValueError(f"projection width {hd} is not divisible by {heads} heads")
+        raise _heads_mismatch(hd, heads)
     return weight.T.reshape(heads, hd // heads, e)
 
 
@@ -204,7 +256,7 @@ def _out_merge(kernel: Array) -> Array:
 def _bias_split(bias: Array, heads: int) -> Array:
     (hd,) = bias.shape
     if hd % heads:
-        raise ValueError(f"projection width {hd} is not divisible by {heads} heads")
+        raise _heads_mismatch(hd, heads)
     return bias.reshape(heads, hd // heads)
 
 
@@ -232,6 +284,12 @@ class Attention(Rule):
     out: str = ""
     heads: int = 1
     bias: bool = True
+
+    def problems(self) -> list[str]:
+        out = super().problems() + _heads_problems(self.heads) + _bias_problems(self.bias)
+        for which in (*_PROJ, "out"):
+            out += _path_problems(which, getattr(self, which), ".")
+        return out
 
     def _torch(self, which: str) -> str:
         given = getattr(self, which)
@@ -275,6 +333,9 @@ class PackedAttention(Rule):
     heads: int = 1
     bias: bool = True
 
+    def problems(self) -> list[str]:
+        return super().problems() + _heads_problems(self.heads) + _bias_problems(self.bias)
+
     def canonical(self) -> list[str]:
         names = [_join(self.torch, "in_proj_weight"), _join(self.torch, "out_proj.weight")]
         if self.bias:
@@ -290,7 +351,10 @@ class PackedAttention(Rule):
     def to_flax(self, canonical: Mapping[str, Array]) -> dict[str, Array]:
         w = canonical[_join(self.torch, "in_proj_weight")]
         if w.shape[0] % 3:
-            raise ValueError(f"in_proj_weight rows {w.shape[0]} are not divisible by 3")
+            raise UsageError(
+                f"layout rule {self!r}: in_proj_weight has {w.shape[0]} rows, not divisible by 3 (packed query, key, value); "
+                "use Attention for separate projections"
+            )
         n = w.shape[0] // 3
         split: dict[str, Array] = {}
         inner = self._inner()
@@ -325,6 +389,36 @@ class PackedAttention(Rule):
 # ---------------------------------------------------------------------------------------
 
 
+def rule_problems(rules: Iterable[object]) -> list[str]:
+    """What is wrong with a model's layout as a whole (empty: nothing).
+
+    Every entry must be a :class:`Rule` (each checks its own fields when it is made), and no
+    canonical name or flax key may be owned by two rules.
+    """
+    problems: list[str] = []
+    owner: dict[str, Rule] = {}
+    flax_owner: dict[str, Rule] = {}
+    for i, r in enumerate(rules):
+        if not isinstance(r, Rule):
+            problems.append(f"layout entry {i} is not an exporter.layouts.Rule: {type(r).__name__} {r!r}")
+            continue
+        for n in r.canonical():
+            if n in owner:
+                problems.append(f"canonical name {n!r} is owned by two rules: {owner[n]!r} and {r!r}")
+            owner.setdefault(n, r)
+        for f in r.flax_keys():
+            if f in flax_owner:
+                problems.append(f"flax key {f!r} is owned by two rules: {flax_owner[f]!r} and {r!r}")
+            flax_owner.setdefault(f, r)
+    return problems
+
+
+def _checked(rules: Iterable[Rule]) -> None:
+    problems = rule_problems(rules)
+    if problems:
+        raise UsageError.listing("bad layout rules", problems)
+
+
 def canonical_names(rules: tuple[Rule, ...] | list[Rule]) -> list[str]:
     """Sorted canonical names owned by ``rules``.
 
@@ -333,17 +427,22 @@ def canonical_names(rules: tuple[Rule, ...] | list[Rule]) -> list[str]:
 
     Returns:
         Sorted canonical (torch-style dotted) names.
+
+    Raises:
+        UsageError: an entry is not a Rule, or two rules own the same name.
     """
-    names = [n for r in rules for n in r.canonical()]
-    assert len(names) == len(set(names)), f"layout rules own a name twice: {names}"
-    return sorted(names)
+    _checked(rules)
+    return sorted(n for r in rules for n in r.canonical())
 
 
 def flax_names(rules: tuple[Rule, ...] | list[Rule]) -> list[str]:
-    """Sorted flat flax keys (``"params/..."``, ``"batch_stats/..."``) owned by ``rules``."""
-    names = [n for r in rules for n in r.flax_keys()]
-    assert len(names) == len(set(names)), f"layout rules own a flax key twice: {names}"
-    return sorted(names)
+    """Sorted flat flax keys (``"params/..."``, ``"batch_stats/..."``) owned by ``rules``.
+
+    Raises:
+        UsageError: an entry is not a Rule, or two rules own the same key.
+    """
+    _checked(rules)
+    return sorted(n for r in rules for n in r.flax_keys())
 
 
 def _contiguous(a: Array) -> np.ndarray:

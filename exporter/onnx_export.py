@@ -40,7 +40,8 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exporter.errors import ExportError, MissingDependencyError, UsageError
+from exporter import deps
+from exporter.errors import ExportError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.models.registry import ModelSpec
@@ -90,7 +91,8 @@ class OnnxExport:
         external_data: whether weights were written to ``model.onnx.data``.
         weights_bytes: total bytes of the initializers.
         inputs / outputs: graph input / output names (spec order).
-        input_shapes: ONNX input shapes (dim names for dynamic dims).
+        input_dims / output_dims: dims of the graph inputs / outputs as saved (ints,
+            dim names for dynamic dims, None where unknown; ``exporter.testdata.value_dims``).
         warnings: problems the export did not fail on but the sweep will likely catch
             (e.g. a dynamic dim the exporter specialised to its example size).
         seconds: wall time of the export.
@@ -105,7 +107,8 @@ class OnnxExport:
     weights_bytes: int
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    input_shapes: dict[str, list[int | str | None]] = field(default_factory=dict)
+    input_dims: dict[str, list[int | str | None] | None] = field(default_factory=dict)
+    output_dims: dict[str, list[int | str | None] | None] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     seconds: float = 0.0
     log: str = ""
@@ -128,7 +131,8 @@ class OnnxExport:
             "weights_bytes": self.weights_bytes,
             "inputs": list(self.inputs),
             "outputs": list(self.outputs),
-            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            "input_dims": {k: None if v is None else list(v) for k, v in self.input_dims.items()},
+            "output_dims": {k: None if v is None else list(v) for k, v in self.output_dims.items()},
             "warnings": list(self.warnings),
             "seconds": round(self.seconds, 3),
         }
@@ -233,6 +237,12 @@ def _dims_for_export(spec: ModelSpec) -> dict[str, int]:
     return dims
 
 
+def _dynamic_shapes(spec: ModelSpec, torch: Any) -> tuple[dict[int, Any] | None, ...]:
+    """``dynamic_shapes`` for ``torch.onnx.export``: one ``torch.export.Dim`` per spec dim name."""
+    dim_objs = {d: torch.export.Dim(d) for d in spec.dynamic_dims()}
+    return tuple({i: dim_objs[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None for t in spec.inputs)
+
+
 # --------------------------------------------------------------------------- torch
 def export_torch(
     spec: ModelSpec,
@@ -268,10 +278,7 @@ def export_torch(
         MissingDependencyError: torch / onnxscript not installed.
     """
     check_opset(opset)
-    try:
-        import torch
-    except ImportError as e:
-        raise MissingDependencyError("exporting a torch model needs torch; install with: pip install 'exporter[torch]'") from e
+    torch = deps.require("torch", "exporting a torch model")
     start = time.perf_counter()
     module.eval()
     examples = spec.example_inputs(_dims_for_export(spec), seed=0)
@@ -283,11 +290,9 @@ def export_torch(
     model = None
     with captured_output() as log:
         if dynamo:
+            deps.require("onnxscript", "torch.onnx.export(dynamo=True)")
+            dynamic_shapes = _dynamic_shapes(spec, torch)
             try:
-                dim_objs = {d: torch.export.Dim(d) for d in spec.dynamic_dims()}
-                dynamic_shapes = tuple(
-                    {i: dim_objs[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None for t in spec.inputs
-                )
                 with torch.no_grad():
                     program = torch.onnx.export(
                         module,
@@ -302,16 +307,11 @@ def export_torch(
                         verify=False,
                         report=False,
                     )
-                assert program is not None
+            except Exception as e:  # the exporter refused the user's model -> TorchScript fallback
+                fallback_reason = _first_line(e)
+            else:
+                assert program is not None, "torch.onnx.export(dynamo=True) returned no ONNXProgram"
                 model = program.model
-            except ImportError as e:
-                if "onnxscript" in str(e):
-                    raise MissingDependencyError(
-                        "torch.onnx.export(dynamo=True) needs onnxscript; install with: pip install 'exporter[torch]'"
-                    ) from e
-                fallback_reason = _first_line(e)
-            except Exception as e:  # any exporter failure -> TorchScript fallback
-                fallback_reason = _first_line(e)
         else:
             fallback_reason = "dynamo exporter disabled by the caller"
         if model is None:
@@ -347,8 +347,9 @@ def _release_onnxscript_matchers() -> None:
 
 
 def _torchscript_export(module: Any, args: tuple[Any, ...], spec: ModelSpec, opset: int, dynamo_reason: str | None) -> Any:
-    import onnx_ir as ir
     import torch
+
+    ir = deps.require("onnx_ir", "exporting a torch model")
 
     dynamic_axes: dict[str, dict[int, str]] = {}
     for t in spec.inputs:
@@ -421,19 +422,13 @@ def export_flax(
         MissingDependencyError: jax / flax / jax2onnx not installed.
     """
     check_opset(opset)
-    try:
-        import jax
-        import jax2onnx
-    except ImportError as e:
-        raise MissingDependencyError(
-            "exporting a flax model needs jax, flax and jax2onnx; install with: pip install 'exporter[jax]'"
-        ) from e
+    build = spec.factory("flax")
+    jax = deps.require("jax", "exporting a flax model")
+    jax2onnx = deps.require("jax2onnx", "exporting a flax model")
     import numpy as np
 
     start = time.perf_counter()
-    module = spec.flax_factory() if spec.flax_factory is not None else None
-    if module is None:
-        raise UsageError(f"model {spec.name!r} has no flax build; export it with --framework torch")
+    module = build()
     kwargs = dict(spec.flax_apply_kwargs)
 
     def fn(*xs: Any) -> Any:
@@ -517,6 +512,8 @@ def _finish(
     import onnx
     import onnx_ir as ir
 
+    from exporter.testdata import value_dims
+
     graph = model.graph
     in_names = tuple(v.name for v in graph.inputs)
     out_names = tuple(v.name for v in graph.outputs)
@@ -551,33 +548,27 @@ def _finish(
     model.metadata_props.update(props)
     model.producer_name = model.producer_name or "exporter"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data_file = path.parent / EXTERNAL_DATA_NAME
     try:
         if use_external:
             ir.save(model, path, external_data=EXTERNAL_DATA_NAME)
         else:
             ir.save(model, path)
-    except Exception as e:
+    except OSError as e:
         raise ExportError(f"model {spec.name!r}: writing {path} failed: {_first_line(e)}") from e
     try:
         onnx.checker.check_model(str(path))
-    except Exception as e:
+    except onnx.checker.ValidationError as e:
         raise ExportError(f"model {spec.name!r}: the exported {path.name} fails onnx.checker: {_first_line(e)}") from e
-    if not use_external and data_file.exists():  # pragma: no cover - defensive
-        data_file.unlink()
+    stale = path.parent / EXTERNAL_DATA_NAME
+    if not use_external and stale.exists():  # from an earlier export into the same directory
+        stale.unlink()
     opset = int(model.opset_imports.get("", 0))
-    shapes: dict[str, list[int | str | None]] = {}
-    for v in graph.inputs:
-        dims: list[int | str | None] = []
-        for d in v.shape or []:
-            if isinstance(d, int):
-                dims.append(d)
-            else:
-                dims.append(getattr(d, "value", None))
-        shapes[v.name] = dims
+    # The dims as written: the same ValueInfoProtos that ir.save put into model.onnx.
+    in_dims = {v.name: value_dims(ir.serde.serialize_value(v)) for v in graph.inputs}
+    out_dims = {v.name: value_dims(ir.serde.serialize_value(v)) for v in graph.outputs}
     warnings = []
     for t in spec.inputs:
-        got = shapes.get(t.name, [])
+        got = in_dims.get(t.name) or []
         for axis, want in enumerate(t.shape):
             if isinstance(want, str) and axis < len(got) and isinstance(got[axis], int):
                 warnings.append(
@@ -594,7 +585,8 @@ def _finish(
         weights_bytes=weights,
         inputs=in_names,
         outputs=out_names,
-        input_shapes=shapes,
+        input_dims=in_dims,
+        output_dims=out_dims,
         warnings=tuple(warnings),
     )
 

@@ -16,7 +16,8 @@ Rules, each a failure regardless of tolerance:
 * integer and bool outputs differ anywhere (they are compared exactly; tolerances are 0);
 * an output missing from the candidate, an extra output, a shape mismatch, or a dtype
   mismatch (differing integer widths are allowed: the values are compared exactly);
-* the candidate failing to run a case (e.g. a batch size baked into a Reshape).
+* the candidate failing to run a case (e.g. a batch size baked into a Reshape): an
+  adapter's ``RunError``.  Any other exception (a bug, a failing reference) propagates.
 
 Error statistics per (output, case), over the elements finite in both:
 ``max_abs``, ``mean_abs``, ``p99_abs`` (99th percentile of ``|c - r|``), ``max_rel``,
@@ -31,8 +32,9 @@ With this floor, and ``atol, rtol > 0``, the number reads directly against the t
 ``max_rel <= rtol`` implies the output passes, and a passing output always has
 ``max_rel < 2 * rtol``.  For the float32 default (atol 1e-5, rtol 1e-4) the floor is 0.1.
 
-Tolerances come from ``spec.tolerance(output, dtype)`` (per-output, then per-dtype, then
-the defaults); ``atol``/``rtol`` arguments override those, and ``output_tolerances``
+Tolerances come from one function, :func:`tolerance_for`: a bundle's recorded table
+(per-output, per-dtype) or ``spec.tolerance(output, dtype)`` (per-output, then per-dtype,
+then the defaults); ``atol``/``rtol`` arguments override those, and ``output_tolerances``
 arguments override everything for the outputs they name.
 """
 
@@ -49,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exporter.errors import ParityError, UsageError, format_problems
+from exporter.errors import ParityError, RunError, UsageError, format_problems
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.models.registry import ModelSpec, Tolerance
@@ -597,23 +599,29 @@ def tolerance_for(
     atol: float | None = None,
     rtol: float | None = None,
     output_tolerances: Mapping[str, Any] | None = None,
+    recorded: Mapping[str, Mapping[str, Tolerance]] | None = None,
 ) -> Callable[[str, str], Tolerance]:
-    """The ``(output, dtype) -> Tolerance`` function used by :func:`check`.
+    """The ``(output, dtype) -> Tolerance`` function: the only tolerance lookup there is.
 
     Precedence: ``output_tolerances[output]`` > ``atol``/``rtol`` arguments (each replaces
-    its half) > ``spec.tolerance(output, dtype)`` (per-output, per-dtype, defaults).
+    its half of the base) > the base: ``recorded["per_output"][output]``, then
+    ``recorded["defaults"][dtype]`` (a bundle's manifest), then ``spec.tolerance(output,
+    dtype)`` (per-output, per-dtype, defaults), then ``DEFAULT_TOLERANCES[dtype]``.
 
     Args:
-        spec: the model (``None``: ``DEFAULT_TOLERANCES`` only).
+        spec: the model (``None``: recorded tables and ``DEFAULT_TOLERANCES`` only).
         atol, rtol: global overrides.
         output_tolerances: per-output overrides: ``Tolerance``, ``(atol, rtol)`` or a dict.
+        recorded: tolerances recorded with a bundle: ``{"per_output": {output: Tolerance},
+            "defaults": {dtype: Tolerance}}`` (either part may be missing).
 
     Returns:
         The tolerance function.
 
     Raises:
         UsageError: a negative/non-finite tolerance, or an override for an output the
-            model does not have.
+            model does not have.  The function raises UsageError for an output whose
+            dtype has no known tolerance (pass both atol and rtol then).
     """
     from exporter.models.registry import DEFAULT_TOLERANCES, Tolerance
 
@@ -629,17 +637,27 @@ def tolerance_for(
                 f"tolerance overrides name outputs that model {spec.name!r} does not have: {', '.join(unknown)}; "
                 f"its outputs are: {', '.join(spec.outputs)}"
             )
+    rec_output = dict((recorded or {}).get("per_output") or {})
+    rec_dtype = dict((recorded or {}).get("defaults") or {})
+
+    def base(output: str, dtype: str) -> Tolerance | None:
+        if output in rec_output:
+            return rec_output[output]
+        if dtype in rec_dtype:
+            return rec_dtype[dtype]
+        if spec is not None:
+            return spec.tolerance(output, dtype)
+        return DEFAULT_TOLERANCES.get(dtype)
 
     def tol(output: str, dtype: str) -> Tolerance:
         if output in per_output:
             return per_output[output]
-        if spec is not None:
-            base = spec.tolerance(output, dtype)
-        elif dtype in DEFAULT_TOLERANCES:
-            base = DEFAULT_TOLERANCES[dtype]
-        else:
+        if atol is not None and rtol is not None:
+            return Tolerance(float(atol), float(rtol))
+        b = base(output, dtype)
+        if b is None:
             raise UsageError(f"no tolerance known for output {output!r} of dtype {dtype!r}; pass atol= and rtol=")
-        return Tolerance(base.atol if atol is None else float(atol), base.rtol if rtol is None else float(rtol))
+        return Tolerance(b.atol if atol is None else float(atol), b.rtol if rtol is None else float(rtol))
 
     return tol
 
@@ -768,8 +786,7 @@ def _check_user_inputs(spec: ModelSpec, arrays: Mapping[str, Any], source: str) 
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}"[:_MAX_REASON]
+    return " ".join(str(e).split())[:_MAX_REASON]
 
 
 def run_and_compare(
@@ -783,28 +800,41 @@ def run_and_compare(
 ) -> list[OutputCheck]:
     """Run ``candidate`` on ``inputs`` and compare with ``expected`` (e.g. stored test data).
 
-    A candidate that fails to run (its error, e.g. a Reshape that baked in the export
-    batch size, or inputs it does not accept) yields a failing check per expected output
-    whose reason carries the error; it does not raise.
+    A candidate that cannot take the case (its declared inputs do not fit: e.g. an export
+    that fixed the batch dim) or whose runtime fails to run it (a ``RunError``: e.g. a
+    Reshape that baked in the export batch size) yields a failing check per expected
+    output whose reason carries the problem.  Any other exception propagates: it is a bug,
+    not a verdict.
 
     Returns:
         The checks, as :func:`compare`.
     """
+    from exporter.runtimes.base import check_arrays
+
+    _, problems = check_arrays(candidate.inputs, inputs)
+    if problems:
+        return _not_run(expected, tolerance_for, case, dims, f"{candidate.name} failed to run: the inputs do not fit it: {'; '.join(problems)}")
     try:
         got = candidate.run(inputs)
-    except AssertionError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure of the candidate is a parity failure
-        reason = f"{candidate.name} failed to run: {_one_line(e)}"
-        checks = []
-        for name, r in expected.items():
-            r = np.asarray(r)
-            atol, rtol = _tolerance(tolerance_for, name, r.dtype)
-            checks.append(
-                _failed_check(name, case, dict(dims or {}), tuple(int(x) for x in r.shape), r.dtype, atol, rtol, reason)
-            )
-        return checks
+    except RunError as e:
+        return _not_run(expected, tolerance_for, case, dims, f"{candidate.name} failed to run: {_one_line(e)}")
     return compare(expected, got, tolerance_for, case=case, dims=dims)
+
+
+def _not_run(
+    expected: Mapping[str, np.ndarray],
+    tolerance_for: Callable[[str, str], Tolerance],
+    case: str,
+    dims: Mapping[str, int] | None,
+    reason: str,
+) -> list[OutputCheck]:
+    """One failing check per expected output of a case the candidate could not run."""
+    checks = []
+    for name, r in expected.items():
+        r = np.asarray(r)
+        atol, rtol = _tolerance(tolerance_for, name, r.dtype)
+        checks.append(_failed_check(name, case, dict(dims or {}), tuple(int(x) for x in r.shape), r.dtype, atol, rtol, reason))
+    return checks
 
 
 _FRAMEWORK_OF = {"torch": "torch", "jax": "flax", "flax": "flax"}
@@ -820,8 +850,12 @@ def plan_runs(
     cases: Sequence[Mapping[str, int]] | None = None,
     seed: int = 0,
     inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
+    inputs_label: str | None = None,
 ) -> list[Run]:
     """The cases a check runs, with their seeded inputs (see :func:`check` for the arguments).
+
+    ``inputs_label`` names the user inputs' case (default: the file name, or ``"user inputs"``
+    for arrays).
 
     Raises:
         UsageError: bad cases or user inputs; nothing to compare.
@@ -832,11 +866,11 @@ def plan_runs(
         runs.append((case_label(dims), dims, spec.example_inputs(dims, seed=seed)))
     if inputs is not None:
         if isinstance(inputs, (str, os.PathLike)):
-            arrays = load_inputs(inputs, spec)
-            label = Path(inputs).name
+            arrays = load_inputs(inputs)
+            label = inputs_label or Path(inputs).name
         else:
             arrays = {k: np.asarray(v) for k, v in inputs.items()}
-            label = "user inputs"
+            label = inputs_label or "user inputs"
         runs.append((label, _check_user_inputs(spec, arrays, label), arrays))
     if not runs:
         raise UsageError(f"nothing to compare for model {spec.name!r}: no cases and no inputs given")
@@ -849,11 +883,9 @@ def check_runs(
     expected: Sequence[Mapping[str, np.ndarray]],
     candidate: Runtime,
     *,
+    tolerance: Callable[[str, str], Tolerance],
     reference: str,
     seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
-    output_tolerances: Mapping[str, Any] | None = None,
     framework: str | None = None,
 ) -> ParityReport:
     """Compare ``candidate`` with reference outputs computed earlier (one per run).
@@ -862,20 +894,20 @@ def check_runs(
     candidate, so a large model's weights are not held twice.
 
     Args:
-        spec, seed, atol, rtol, output_tolerances, framework: as :func:`check`.
+        spec, seed, framework: as :func:`check`.
         runs: from :func:`plan_runs`.
         expected: the reference's outputs for each run, in order.
         candidate: the runtime under test.
+        tolerance: from :func:`tolerance_for`.
         reference: the reference runtime's name (recorded in the report).
 
     Returns:
         The report.
     """
     assert len(runs) == len(expected), (len(runs), len(expected))
-    tol = tolerance_for(spec, atol=atol, rtol=rtol, output_tolerances=output_tolerances)
     checks: list[OutputCheck] = []
     for (label, dims, feed), want in zip(runs, expected):
-        checks += run_and_compare(candidate, feed, dict(want), tol, case=label, dims=dims)
+        checks += run_and_compare(candidate, feed, dict(want), tolerance, case=label, dims=dims)
     return ParityReport(
         model=spec.name,
         framework=framework or _FRAMEWORK_OF.get(reference, reference),
@@ -901,6 +933,9 @@ def check(
 ) -> ParityReport:
     """Run ``reference`` and ``candidate`` on the same seeded inputs at every case and compare.
 
+    The reference failing (any exception) propagates: only the candidate's ``RunError``
+    becomes a failing check.
+
     Args:
         spec: the model (inputs, outputs, tolerances).
         reference: the runtime taken as truth (usually the framework: ``TorchRuntime``).
@@ -917,10 +952,7 @@ def check(
     Raises:
         UsageError: bad tolerances, cases or user inputs; nothing to compare.
     """
-    tolerance_for(spec, atol=atol, rtol=rtol, output_tolerances=output_tolerances)  # validate first
+    tol = tolerance_for(spec, atol=atol, rtol=rtol, output_tolerances=output_tolerances)
     runs = plan_runs(spec, cases=cases, seed=seed, inputs=inputs)
     expected = [reference.run(feed) for _label, _dims, feed in runs]
-    return check_runs(
-        spec, runs, expected, candidate, reference=reference.name, seed=seed, atol=atol, rtol=rtol,
-        output_tolerances=output_tolerances, framework=framework,
-    )  # fmt: skip
+    return check_runs(spec, runs, expected, candidate, tolerance=tol, reference=reference.name, seed=seed, framework=framework)

@@ -1,4 +1,4 @@
-"""Rebuild a registered model from canonical state, in torch or flax, and run it.
+"""Rebuild a registered model from canonical state, in torch or flax.
 
     raw saved state --prepare_state--> canonical state --torch_module--> torch.nn.Module
                                                       --flax_variables--> flax variables
@@ -6,6 +6,10 @@
 ``prepare_state`` is the one place where checkpoint keys are cleaned up: common wrapper
 prefixes are stripped, the model's and the user's rename rules applied, non-parameter
 buffers dropped, flax layout converted, and names/shapes/dtypes checked against the model.
+
+Building only: running a built model is the runtime adapters' job
+(``exporter.runtimes.torch.TorchRuntime.from_module(spec, module).run(inputs)``,
+``exporter.runtimes.jax.JaxRuntime.from_variables(spec, variables).run(inputs)``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from exporter import layouts
-from exporter.errors import MissingDependencyError, StateMismatchError, UsageError, format_problems
+from exporter.deps import require
+from exporter.errors import StateMismatchError, UsageError, format_problems
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.models.registry import ModelSpec
@@ -33,8 +38,6 @@ __all__ = [
     "canonical_from_torch",
     "flax_variables",
     "canonical_from_flax",
-    "run_torch",
-    "run_flax",
 ]
 
 # Wrapper prefixes found in real checkpoints: DDP, torch.compile, Lightning/HF wrappers.
@@ -43,26 +46,17 @@ STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
 Shape = tuple[int, ...]
 
 
-def _import_torch() -> Any:
-    try:
-        import torch
-    except ImportError as e:
-        raise MissingDependencyError(
-            f"PyTorch is not installed ({e}); install with: pip install 'exporter[torch]'"
-        ) from None
-    return torch
+def _jax(purpose: str) -> Any:
+    """jax, after checking that flax (which every flax build needs) is installed too."""
+    jax = require("jax", purpose)
+    require("flax", purpose)
+    return jax
 
 
-def _import_flax() -> tuple[Any, Any]:
-    try:
-        import jax
-        import jax.numpy as jnp
-        import flax  # noqa: F401
-    except ImportError as e:
-        raise MissingDependencyError(
-            f"JAX/Flax is not installed ({e}); install with: pip install 'exporter[jax]'"
-        ) from None
-    return jax, jnp
+def _jax_example(spec: ModelSpec, seed: int = 0) -> list[Any]:
+    """The spec's example inputs as jax arrays, in input order (for ``module.init``)."""
+    jnp = require("jax.numpy", f"building model {spec.name!r} in flax")
+    return [jnp.asarray(a) for a in spec.example_inputs(seed=seed).values()]
 
 
 def _has(module: str) -> bool:
@@ -77,17 +71,6 @@ def _has(module: str) -> bool:
         return False
 
 
-def _need_build(spec: ModelSpec, framework: str) -> Any:
-    factory = spec.torch_factory if framework == "torch" else spec.flax_factory
-    if framework not in ("torch", "flax"):
-        raise UsageError(f"unknown framework {framework!r}; expected 'torch' or 'flax'")
-    if factory is None or framework not in spec.frameworks:
-        raise UsageError(
-            f"model {spec.name!r} has no {framework} build (it has: {', '.join(spec.frameworks)})"
-        )
-    return factory
-
-
 def _ignored(spec: ModelSpec, name: str) -> bool:
     return any(re.search(p, name) for p in spec.ignore_keys)
 
@@ -99,39 +82,48 @@ def _ignored(spec: ModelSpec, name: str) -> bool:
 _EXPECTED_CACHE: dict[tuple[str, int], dict[str, tuple[Shape, str]]] = {}
 
 
-def expected_state(spec: ModelSpec) -> dict[str, tuple[Shape, str]]:
+def expected_state(spec: ModelSpec, framework: str | None = None) -> dict[str, tuple[Shape, str]]:
     """Canonical names the model expects -> ``(shape, dtype)``.
 
-    Built without allocating weights: the torch build on the ``meta`` device when torch is
-    installed (and the model has a torch build), else ``jax.eval_shape`` of the flax init.
+    Built without allocating weights: the torch build on the ``meta`` device, or
+    ``jax.eval_shape`` of the flax init.  Both builds of a registry model expect the same
+    canonical state (a test checks it), so the build used is only a question of cost:
+    ``framework`` when given (a flax-only job then never imports torch), else torch when
+    installed, else flax.
 
     Args:
         spec: the registry entry.
+        framework: ``"torch"`` or ``"flax"``: the build to derive it from (None: either).
 
     Returns:
         ``{name: (shape, dtype_name)}`` for every canonical name (ignored buffers left out).
 
     Raises:
-        MissingDependencyError: neither framework is installed.
+        MissingDependencyError: the framework of the model's builds is not installed.
+        UsageError: the model has no build at all.
     """
     key = (spec.name, id(spec))
     if key in _EXPECTED_CACHE:
         return dict(_EXPECTED_CACHE[key])
-    use_torch = spec.torch_factory is not None and "torch" in spec.frameworks and _has("torch")
-    use_flax = spec.flax_factory is not None and "flax" in spec.frameworks and _has("flax")
+    purpose = f"the expected state of model {spec.name!r} (from its torch or flax build)"
+    if framework is not None:
+        spec.factory(framework)  # the model must have that build
+        use_torch = framework == "torch"
+    else:
+        use_torch = "torch" in spec.frameworks and (_has("torch") or "flax" not in spec.frameworks or not _has("flax"))
     if use_torch:
-        torch = _import_torch()
+        torch = require("torch", purpose)
         with torch.device("meta"):
-            module = spec.torch_factory()  # type: ignore[misc]
+            module = spec.factory("torch")()
         out = {
             k: (tuple(int(d) for d in v.shape), str(v.dtype).removeprefix("torch."))
             for k, v in module.state_dict().items()
             if not _ignored(spec, k)
         }
-    elif use_flax:
-        jax, _jnp = _import_flax()
-        module = spec.flax_factory()  # type: ignore[misc]
-        inputs = _jax_inputs(spec, spec.example_inputs())
+    elif "flax" in spec.frameworks:
+        jax = _jax(purpose)
+        module = spec.factory("flax")()
+        inputs = _jax_example(spec)
         abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs, **spec.flax_apply_kwargs))
         flat = {k: v for k, v in _flatten_abstract(abstract).items() if k.split("/", 1)[0] in layouts.COLLECTIONS}
         dummies = {k: np.broadcast_to(np.zeros((), dtype=v.dtype), v.shape) for k, v in flat.items()}
@@ -141,10 +133,7 @@ def expected_state(spec: ModelSpec) -> dict[str, tuple[Shape, str]]:
                 for c, a in r.from_flax({f: dummies[f] for f in r.flax_keys()}).items():
                     out[c] = (tuple(int(d) for d in np.shape(a)), str(np.asarray(a).dtype))
     else:
-        raise MissingDependencyError(
-            f"model {spec.name!r}: neither PyTorch nor JAX/Flax is installed; "
-            "install with: pip install 'exporter[torch]' or pip install 'exporter[jax]'"
-        )
+        raise UsageError(f"model {spec.name!r} has neither a torch nor a flax build; its state cannot be rebuilt")
     _EXPECTED_CACHE[key] = out
     return dict(out)
 
@@ -184,17 +173,18 @@ def init_state(spec: ModelSpec, seed: int = 0, framework: str = "torch") -> dict
         UsageError: unknown framework or the model has no such build.
         MissingDependencyError: the framework is not installed.
     """
-    factory = _need_build(spec, framework)
+    factory = spec.factory(framework)
+    purpose = f"initialising model {spec.name!r} in {framework}"
     if framework == "torch":
-        torch = _import_torch()
+        torch = require("torch", purpose)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             module = factory()
         state = canonical_from_torch(module, spec)
     else:
-        jax, _jnp = _import_flax()
+        jax = _jax(purpose)
         module = factory()
-        inputs = _jax_inputs(spec, spec.example_inputs(seed=seed))
+        inputs = _jax_example(spec, seed)
         variables = module.init(jax.random.PRNGKey(seed), *inputs, **spec.flax_apply_kwargs)
         state = canonical_from_flax(spec, variables)
     return _perturb_constants(state, seed)
@@ -400,7 +390,7 @@ def prepare_state(
         model=spec.name,
     )
     if strict and not report.ok:
-        raise StateMismatchError(report.message())
+        raise StateMismatchError(report.message(), problems=report.lines())
     return canonical, report
 
 
@@ -467,8 +457,8 @@ def torch_module(spec: ModelSpec, canonical: Mapping[str, np.ndarray], *, copy: 
         StateMismatchError: a name is missing/unexpected or a shape/dtype differs.
         MissingDependencyError: torch is not installed.
     """
-    torch = _import_torch()
-    factory = _need_build(spec, "torch")
+    torch = require("torch", f"rebuilding model {spec.name!r} in torch")
+    factory = spec.factory("torch")
     module = None if copy else _meta_build(spec, factory, canonical, torch)
     assign = module is not None
     if module is None:
@@ -556,54 +546,9 @@ def canonical_from_torch(module: Any, spec: ModelSpec) -> dict[str, np.ndarray]:
     }
 
 
-def _ordered_inputs(spec: ModelSpec, inputs: Mapping[str, Any]) -> list[Any]:
-    names = [t.name for t in spec.inputs]
-    problems = [f"missing input {n!r}" for n in names if n not in inputs]
-    problems += [f"unexpected input {n!r}" for n in inputs if n not in names]
-    if problems:
-        raise UsageError(format_problems(f"model {spec.name!r} takes inputs {names}", problems))
-    return [inputs[n] for n in names]
-
-
-def _name_outputs(spec: ModelSpec, result: Any) -> list[Any]:
-    if isinstance(result, (tuple, list)):
-        outs = list(result)
-    elif isinstance(result, Mapping):
-        outs = [result[n] for n in spec.outputs]
-    else:
-        outs = [result]
-    assert len(outs) == len(spec.outputs), f"{spec.name}: got {len(outs)} outputs, spec names {spec.outputs}"
-    return outs
-
-
-def run_torch(spec: ModelSpec, module: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run the torch module on numpy inputs (in ``spec.inputs`` order) under inference mode.
-
-    Returns:
-        ``{output_name: np.ndarray}`` in ``spec.outputs`` order.
-
-    Raises:
-        UsageError: an input is missing or unexpected.
-    """
-    torch = _import_torch()
-    # Inputs may be read-only views (test data read back from files); torch needs writable memory.
-    args = []
-    for a in map(np.asarray, _ordered_inputs(spec, inputs)):
-        args.append(torch.from_numpy(a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C")))
-    with torch.inference_mode():
-        result = module(*args)
-    outs = _name_outputs(spec, result)
-    return {n: o.detach().cpu().numpy().copy() for n, o in zip(spec.outputs, outs)}
-
-
 # ---------------------------------------------------------------------------------------
 # flax
 # ---------------------------------------------------------------------------------------
-
-
-def _jax_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> list[Any]:
-    _jax, jnp = _import_flax()
-    return [jnp.asarray(a) for a in _ordered_inputs(spec, inputs)]
 
 
 def flax_variables(spec: ModelSpec, canonical: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -613,8 +558,10 @@ def flax_variables(spec: ModelSpec, canonical: Mapping[str, np.ndarray]) -> dict
         StateMismatchError: a name is missing or not owned by the model's layout.
         MissingDependencyError: jax/flax is not installed.
     """
-    jax, jnp = _import_flax()
-    _need_build(spec, "flax")
+    spec.factory("flax")
+    purpose = f"rebuilding model {spec.name!r} in flax"
+    jax = _jax(purpose)
+    jnp = require("jax.numpy", purpose)
     tree = layouts.to_flax(canonical, spec.layout)
     return jax.tree.map(jnp.asarray, tree)
 
@@ -623,19 +570,3 @@ def canonical_from_flax(spec: ModelSpec, variables: Mapping[str, Any]) -> dict[s
     """Flax variables (nested, FrozenDict or flat ``params/...`` keys) -> canonical state (numpy)."""
     flat = {k: v for k, v in layouts.flatten_flax(variables).items() if k.split("/", 1)[0] in layouts.COLLECTIONS}
     return layouts.from_flax(flat, spec.layout)
-
-
-def run_flax(spec: ModelSpec, variables: Mapping[str, Any], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Apply the flax build with ``variables`` to numpy inputs (``spec.flax_apply_kwargs`` added).
-
-    Returns:
-        ``{output_name: np.ndarray}`` in ``spec.outputs`` order.
-
-    Raises:
-        UsageError: an input is missing or unexpected.
-    """
-    factory = _need_build(spec, "flax")
-    module = factory()
-    result = module.apply(variables, *_jax_inputs(spec, inputs), **spec.flax_apply_kwargs)
-    outs = _name_outputs(spec, result)
-    return {n: np.asarray(o).copy() for n, o in zip(spec.outputs, outs)}

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import random
 import time
@@ -45,7 +46,11 @@ import numpy as np
 
 from exporter import atomic
 from exporter import checkpoint as ckpt
-from exporter.errors import CheckpointError, UsageError, format_problems
+from exporter.deps import require
+from exporter.errors import CheckpointError, UsageError
+from exporter.lock import lock_dir
+from exporter.rng import capture_rng, restore_rng
+from exporter.treecodec import decode_tree, encode_tree, flatten_pytree, restore_pytree
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.models.registry import ModelSpec
@@ -55,7 +60,7 @@ __all__ = ["TrainConfig", "TrainResult", "train"]
 log = logging.getLogger("exporter.training")
 
 NOISE_SCALES = (0.0, 0.01, 0.03)
-FRAMEWORKS = ("torch", "flax")
+FRAMEWORKS = ckpt.FRAMEWORKS
 # Inference flags of flax apply kwargs and their training values.
 _FLAX_TRAIN_FLAGS = {
     "train": True,
@@ -161,12 +166,23 @@ class _Data:
         self.order = np.array(tensors["data/order"])
 
 
+def _named_outputs(spec: ModelSpec, framework: str, result: Any) -> dict[str, Any]:
+    """A build's return value keyed by ``spec.outputs`` (a user's spec may not match its build)."""
+    outs = list(result) if isinstance(result, (tuple, list)) else [result]
+    if len(outs) != len(spec.outputs):
+        raise UsageError(
+            f"model {spec.name!r}: its {framework} build returns {len(outs)} output(s), but the ModelSpec names "
+            f"{len(spec.outputs)} ({', '.join(spec.outputs)}); make outputs= name every returned value, in order"
+        )
+    return dict(zip(spec.outputs, outs))
+
+
 # --------------------------------------------------------------------------------------
 # torch
 # --------------------------------------------------------------------------------------
 class _TorchRun:
     def __init__(self, spec: ModelSpec, canonical: Mapping[str, np.ndarray], cfg: TrainConfig) -> None:
-        import torch
+        torch = require("torch", "training with framework='torch'")
 
         from exporter import rebuild
 
@@ -193,10 +209,7 @@ class _TorchRun:
             if scale is not None and x.is_floating_point():
                 x = x + scale * torch.randn(x.shape, dtype=x.dtype)
             args.append(x)
-        result = self.module(*args)
-        outs = list(result) if isinstance(result, (tuple, list)) else [result]
-        assert len(outs) == len(self.spec.outputs), (self.spec.name, len(outs))
-        return dict(zip(self.spec.outputs, outs))
+        return _named_outputs(self.spec, "torch", self.module(*args))
 
     def step(self, batch: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray], scale: float) -> float:
         torch = self.torch
@@ -217,7 +230,7 @@ class _TorchRun:
         model = self.canonical()
         extra = {k: v.detach().cpu().numpy().copy() for k, v in self.module.state_dict().items() if k not in model}
         opt_tensors: dict[str, np.ndarray] = {}
-        doc = ckpt.encode_tree({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}, opt_tensors)
+        doc = encode_tree({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}, opt_tensors)
         groups = {"model": model, "optimizer": opt_tensors}
         if extra:
             groups["model_extra"] = extra
@@ -232,7 +245,7 @@ class _TorchRun:
                 raise CheckpointError(f"checkpoint {c.path}: buffer {name!r} does not exist in model {self.spec.name!r}") from None
             with torch.no_grad():
                 buf.copy_(torch.from_numpy(np.array(arr)))
-        decoded = ckpt.decode_tree(c.state["optimizer"], c.group("optimizer"))
+        decoded = decode_tree(c.state["optimizer"], c.group("optimizer"))
         try:
             self.opt.load_state_dict(decoded["optimizer"])
             self.sched.load_state_dict(decoded["scheduler"])
@@ -253,11 +266,13 @@ class _FlaxProgram:
     """
 
     def __init__(self, spec: ModelSpec, cfg: TrainConfig) -> None:
-        import jax
-        import optax
-
+        purpose = "training with framework='flax'"
+        jax = require("jax", purpose)
+        self.jnp = require("jax.numpy", purpose)
+        self.optax = optax = require("optax", purpose)
+        self.jax = jax
         self.spec = spec
-        self.module = spec.flax_factory()  # type: ignore[misc]
+        self.module = spec.factory("flax")()
         self.tx = optax.adamw(optax.exponential_decay(cfg.lr, 1, cfg.gamma), weight_decay=cfg.weight_decay)
         self.train_kwargs = {
             k: (_FLAX_TRAIN_FLAGS[k] if k in _FLAX_TRAIN_FLAGS and isinstance(v, bool) else v)
@@ -268,10 +283,7 @@ class _FlaxProgram:
         self.step = jax.jit(self._step_fn)
 
     def _step_fn(self, params: Any, extra: Any, opt_state: Any, key: Any, inputs: list[Any], targets: dict[str, Any], scale: Any) -> Any:
-        import jax
-        import jax.numpy as jnp
-        import optax
-
+        jax, jnp, optax = self.jax, self.jnp, self.optax
         keys = jax.random.split(key, 2 + len(inputs))
         key, k_drop = keys[0], keys[1]
         noisy = [
@@ -285,8 +297,7 @@ class _FlaxProgram:
                 {"params": p, **extra}, *noisy, **self.train_kwargs, rngs={"dropout": k_drop}, mutable=mutable or False
             )
             out, new_extra = res if mutable else (res, extra)
-            outs = list(out) if isinstance(out, (tuple, list)) else [out]
-            named = dict(zip(self.spec.outputs, outs))
+            named = _named_outputs(self.spec, "flax", out)
             loss = sum(jnp.mean((named[n] - t) ** 2) for n, t in targets.items())
             return loss, dict(new_extra)
 
@@ -301,22 +312,19 @@ _FLAX_PROGRAMS: dict[tuple[str, int, TrainConfig], _FlaxProgram] = {}
 
 class _FlaxRun:
     def __init__(self, spec: ModelSpec, canonical: Mapping[str, np.ndarray], cfg: TrainConfig) -> None:
-        import jax
-        import jax.numpy as jnp
-
         from exporter import rebuild
 
-        self.jax, self.jnp = jax, jnp
         self.spec = spec
         cache_key = (spec.name, id(spec), cfg)
         if cache_key not in _FLAX_PROGRAMS:
             _FLAX_PROGRAMS[cache_key] = _FlaxProgram(spec, cfg)
         self.prog = _FLAX_PROGRAMS[cache_key]
+        self.jax, self.jnp = self.prog.jax, self.prog.jnp
         variables = rebuild.flax_variables(spec, canonical)
         self.params = variables["params"]
         self.extra = {k: v for k, v in variables.items() if k != "params"}
         self.opt_state = self.prog.init(self.params)
-        self.key = jax.random.PRNGKey(cfg.seed)
+        self.key = self.jax.random.PRNGKey(cfg.seed)
 
     def output_shapes(self, batch: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
         jax = self.jax
@@ -324,8 +332,7 @@ class _FlaxRun:
         variables = {"params": self.params, **self.extra}
         module = self.prog.module
         out = jax.eval_shape(lambda *a: module.apply(variables, *a, **self.spec.flax_apply_kwargs), *args)
-        outs = list(out) if isinstance(out, (tuple, list)) else [out]
-        return {n: (tuple(o.shape), str(o.dtype)) for n, o in zip(self.spec.outputs, outs)}
+        return {n: (tuple(o.shape), str(o.dtype)) for n, o in _named_outputs(self.spec, "flax", out).items()}
 
     def step(self, batch: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray], scale: float) -> float:
         inputs = [batch[t.name] for t in self.spec.inputs]
@@ -340,13 +347,13 @@ class _FlaxRun:
         return rebuild.canonical_from_flax(self.spec, {"params": self.params, **self.extra})
 
     def snapshot(self) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
-        doc, opt_tensors = ckpt.flatten_pytree(self.opt_state)
+        doc, opt_tensors = flatten_pytree(self.opt_state)
         groups = {"model": self.canonical(), "optimizer": opt_tensors, "rng": {"jax/key": np.asarray(self.key)}}
         return groups, {"optax": doc}
 
     def restore(self, c: ckpt.Checkpoint) -> None:
         jnp = self.jnp
-        self.opt_state = ckpt.restore_pytree(
+        self.opt_state = restore_pytree(
             self.opt_state,  # the fresh init is the template: same structure, leaves replaced
             c.state["optimizer"]["optax"],
             c.group("optimizer"),
@@ -361,24 +368,58 @@ class _FlaxRun:
 # --------------------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------------------
-def _check_args(steps: int, every: int, keep: int, keep_every: int | None, framework: str, cfg: TrainConfig) -> None:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:57] + '...' if len(text) > 60 else text} ({type(value).__name__})"
+
+
+def _check_args(
+    ckpt_dir: Any,
+    steps: Any,
+    every: Any,
+    keep: Any,
+    keep_every: Any,
+    framework: Any,
+    seed: Any,
+    batch_size: Any,
+    dataset_size: Any,
+    lr: Any,
+    on_step: Any,
+) -> None:
+    """Every argument of the wrong form, listed together in one UsageError."""
     problems = []
-    if not isinstance(steps, int) or steps < 0:
-        problems.append(f"steps must be an integer >= 0, got {steps!r}")
-    if not isinstance(every, int) or every < 1:
-        problems.append(f"every must be an integer >= 1, got {every!r}")
-    if not isinstance(keep, int) or keep < 1:
-        problems.append(f"keep must be an integer >= 1 (the newest checkpoint is always kept), got {keep!r}")
-    if keep_every is not None and (not isinstance(keep_every, int) or keep_every < 1):
-        problems.append(f"keep_every must be None or an integer >= 1, got {keep_every!r}")
-    if framework not in FRAMEWORKS:
-        problems.append(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
-    if cfg.batch_size < 1 or cfg.dataset_size < cfg.batch_size:
+    path = os.fspath(ckpt_dir) if isinstance(ckpt_dir, os.PathLike) else ckpt_dir
+    if not (isinstance(path, str) and path != ""):
+        problems.append(f"ckpt_dir must be a directory path (a non-empty str or os.PathLike), got {_show(ckpt_dir)}")
+    if not (_is_int(steps) and steps >= 0):
+        problems.append(f"steps must be an integer >= 0 (the total number of steps to reach), got {_show(steps)}")
+    if not (_is_int(every) and every >= 1):
+        problems.append(f"every must be an integer >= 1 (checkpoint every this many steps), got {_show(every)}")
+    if not (_is_int(keep) and keep >= 1):
+        problems.append(f"keep must be an integer >= 1 (the newest checkpoint is always kept), got {_show(keep)}")
+    if keep_every is not None and not (_is_int(keep_every) and keep_every >= 1):
+        problems.append(f"keep_every must be None or an integer >= 1, got {_show(keep_every)}")
+    if not (isinstance(framework, str) and framework in FRAMEWORKS):
+        problems.append(f"framework must be one of {', '.join(FRAMEWORKS)}, got {_show(framework)}")
+    if not (_is_int(seed) and 0 <= seed < 2**32):
+        problems.append(f"seed must be an integer in [0, 2**32), got {_show(seed)}")
+    if not (_is_int(batch_size) and batch_size >= 1):
+        problems.append(f"batch_size must be an integer >= 1, got {_show(batch_size)}")
+    elif not (_is_int(dataset_size) and dataset_size >= batch_size):
         problems.append(
-            f"need 1 <= batch_size <= dataset_size, got batch_size={cfg.batch_size}, dataset_size={cfg.dataset_size}"
+            f"dataset_size must be an integer >= batch_size ({batch_size}), got {_show(dataset_size)}; "
+            "raise dataset_size or lower batch_size"
         )
+    if not (isinstance(lr, numbers.Real) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        problems.append(f"lr must be a finite number > 0 (the initial learning rate), got {_show(lr)}")
+    if on_step is not None and not callable(on_step):
+        problems.append(f"on_step must be None or a callable on_step(step, loss), got {_show(on_step)}")
     if problems:
-        raise UsageError(format_problems("invalid training arguments:", problems))
+        raise UsageError.listing("invalid training arguments:", problems)
 
 
 def _check_resume(c: ckpt.Checkpoint, spec: ModelSpec, framework: str, cfg: TrainConfig, root: Path) -> None:
@@ -398,48 +439,29 @@ def _check_resume(c: ckpt.Checkpoint, spec: ModelSpec, framework: str, cfg: Trai
     now = cfg.to_dict()
     diffs = [f"{k}: checkpoint has {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
     if diffs:
-        raise CheckpointError(
-            format_problems(
-                f"cannot resume from {c.path}: the run settings differ (a resumed run must use the same settings "
-                "to stay bit-exact; pass the checkpoint's values or use another --ckpt-dir):",
-                diffs,
-            )
+        raise CheckpointError.listing(
+            f"cannot resume from {c.path}: the run settings differ (a resumed run must use the same settings "
+            "to stay bit-exact; pass the checkpoint's values or use another --ckpt-dir):",
+            diffs,
         )
-    if framework == "torch":
-        from exporter import rebuild
+    from exporter import rebuild
 
-        expected = rebuild.expected_state(spec)
-    else:  # rebuild.expected_state would import torch when it is installed; stay on jax
-        expected = _flax_expected_state(spec)
+    expected = rebuild.expected_state(spec, framework)
     model = c.group("model")
     problems = [f"missing key {k!r}" for k in expected if k not in model]
     problems += [f"unexpected key {k!r}" for k in model if k not in expected]
     for k in expected.keys() & model.keys():
         shape, dtype = expected[k]
         if tuple(model[k].shape) != tuple(shape) or str(model[k].dtype) != dtype:
-            problems.append(f"{k}: checkpoint has {model[k].dtype}{list(model[k].shape)}, model expects {dtype}{list(shape)}")
-    if problems:
-        raise CheckpointError(
-            format_problems(
-                f"checkpoint {c.path} (model {c.model!r}) does not fit the current {spec.name!r} architecture; "
-                "use the model definition it was trained with or another --ckpt-dir:",
-                problems,
+            problems.append(
+                f"mismatched {k}: checkpoint has {model[k].dtype}{list(model[k].shape)}, model expects {dtype}{list(shape)}"
             )
+    if problems:
+        raise CheckpointError.listing(
+            f"checkpoint {c.path} (model {c.model!r}) does not fit the current {spec.name!r} architecture; "
+            "use the model definition it was trained with or another --ckpt-dir:",
+            problems,
         )
-
-
-def _flax_expected_state(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Canonical name -> (shape, dtype) of the flax build, from ``jax.eval_shape`` (no compile)."""
-    import jax
-
-    from exporter import rebuild
-
-    module = spec.flax_factory()  # type: ignore[misc]
-    example = spec.example_inputs({"batch": 1})
-    inputs = [example[t.name] for t in spec.inputs]
-    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs, **spec.flax_apply_kwargs))
-    canonical = rebuild.canonical_from_flax(spec, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract))
-    return {k: (tuple(v.shape), str(v.dtype)) for k, v in canonical.items()}
 
 
 def _move_aside(path: Path) -> Path:
@@ -457,9 +479,7 @@ def _seed_all(seed: int, framework: str) -> None:
     random.seed(seed)
     np.random.seed(seed)
     if framework == "torch":
-        import torch
-
-        torch.manual_seed(seed)
+        require("torch", "training with framework='torch'").manual_seed(seed)
 
 
 def train(
@@ -497,24 +517,32 @@ def train(
         A :class:`TrainResult` (``bool()`` True when ``steps`` was reached).
 
     Raises:
-        UsageError: invalid arguments.
+        UsageError: invalid arguments (every one listed), or the model has no build for
+            ``framework``.
         UnknownModelError: ``model`` is not registered.
-        CheckpointError: the directory holds another model's/framework's run or different
-            settings, another run holds its lock, or a checkpoint cannot be written (e.g. no
-            free space; the previous checkpoint stays intact).
+        CheckpointError: ``ckpt_dir`` is a file, the directory holds another
+            model's/framework's run or different settings, another run holds its lock, or a
+            checkpoint cannot be written (e.g. no free space; the previous checkpoint stays
+            intact).
         CheckpointCorruptError: the directory holds step directories but none is valid.
         MissingDependencyError: the framework is not installed.
     """
     from exporter.models import registry
 
-    spec = registry.get(model) if isinstance(model, str) else model
-    cfg = TrainConfig(seed=seed, batch_size=batch_size, dataset_size=dataset_size, lr=lr)
-    _check_args(steps, every, keep, keep_every, framework, cfg)
-    if framework not in spec.frameworks:
-        raise UsageError(f"model {spec.name!r} has no {framework} build (it has: {', '.join(spec.frameworks)})")
+    if isinstance(model, str):
+        spec = registry.get(model)
+    elif isinstance(model, registry.ModelSpec):
+        spec = model
+    else:
+        raise UsageError(f"model must be a registry name or a ModelSpec, got {_show(model)}; see `exporter list`")
+    _check_args(ckpt_dir, steps, every, keep, keep_every, framework, seed, batch_size, dataset_size, lr, on_step)
+    spec.factory(framework)  # UsageError when the model has no such build
+    steps, every, keep, seed = int(steps), int(every), int(keep), int(seed)
+    keep_every = int(keep_every) if keep_every is not None else None
+    cfg = TrainConfig(seed=seed, batch_size=int(batch_size), dataset_size=int(dataset_size), lr=float(lr))
     root = Path(ckpt_dir)
     t0 = time.perf_counter()
-    with ckpt.lock_dir(root):
+    with lock_dir(root):
         cleaned = [str(p) for p in ckpt.clean(root)]
         for p in cleaned:
             log.info("removed leftover %s (an interrupted checkpoint write)", p)
@@ -555,9 +583,9 @@ def train(
             run.restore(latest)
             st = latest.state
             data.restore(st["data"], latest.group("rng"))
-            ckpt.restore_rng(st["rng"], latest.group("rng"), {"data": data.gen})
+            restore_rng(st["rng"], latest.group("rng"), {"data": data.gen})
             start = latest.step
-            loss = ckpt.decode_tree(st.get("loss"), {})
+            loss = decode_tree(st.get("loss"), {})
             log.info("resuming %s (%s) from %s", spec.name, framework, latest.path)
 
         newest = latest.path if latest is not None else None
@@ -569,17 +597,17 @@ def train(
             loss = run.step(batch, targets, scale)
             if on_step is not None:
                 on_step(step, loss)
-            ckpt._crash_point(f"step:{step}")
+            ckpt.crash_point(f"step:{step}")
             if step % every == 0 or step == steps:
                 groups, opt_doc = run.snapshot()
-                rng_doc, rng_tensors = ckpt.capture_rng({"data": data.gen}, torch=framework == "torch")
+                rng_doc, rng_tensors = capture_rng({"data": data.gen}, torch=framework == "torch")
                 data_doc, data_tensors = data.state()
                 state = {
                     "step": step,
                     "model": spec.name,
                     "framework": framework,
                     "config": cfg.to_dict(),
-                    "loss": ckpt.encode_tree(loss, {}),
+                    "loss": encode_tree(loss, {}),
                     "data": data_doc,
                     "rng": rng_doc,
                     "optimizer": opt_doc,

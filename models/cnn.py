@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from exporter.deps import require
 from exporter.layouts import BatchNorm, Conv, Dense
 from exporter.models.registry import ModelSpec, TensorSpec, register
 
@@ -22,8 +23,8 @@ BN_EPS = 1e-5  # torch default; flax's default is also 1e-5 but we say it explic
 
 def build_torch() -> Any:
     """The torch build (``torch.nn.Module``)."""
-    import torch
-    from torch import nn
+    torch = require("torch", "the torch build of model 'cnn'")
+    nn = torch.nn
 
     class CNN(nn.Module):
         def __init__(self) -> None:
@@ -44,8 +45,8 @@ def build_torch() -> Any:
 
 def build_flax() -> Any:
     """The flax build (``flax.linen.Module``); ``train=False`` uses the running statistics."""
-    import flax.linen as nn
-    import jax.numpy as jnp
+    nn = require("flax.linen", "the flax build of model 'cnn'")
+    jnp = require("jax.numpy", "the flax build of model 'cnn'")
 
     class CNN(nn.Module):
         @nn.compact

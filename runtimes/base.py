@@ -3,7 +3,13 @@
 Every adapter (torch, jax, onnxruntime, reference, node) subclasses :class:`Runtime`,
 declares its inputs (:class:`IOSpec`) and output names, and implements ``_run``.  The
 checks of what a caller passes in (names, dtypes, ranks, static dims, named dims that must
-agree across inputs) live here, once, so adapters cannot drift apart.
+agree across inputs) live here, once, so adapters cannot drift apart; so does the naming of
+what a framework build returns (:func:`name_outputs`).
+
+Errors an adapter raises: ``UsageError`` for bad arguments (a path that is not a file,
+inputs that do not fit, a build that returns other outputs than its spec declares) and
+``RunError`` (:meth:`Runtime.run_error`) when the runtime itself cannot load the model or
+run a case.  Anything else escaping an adapter is a bug and propagates.
 
 Adapters import their framework inside their own module, and this module imports none of
 them: ``import exporter.runtimes.base`` stays cheap.  :func:`load_runtime` imports an adapter by
@@ -22,7 +28,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from exporter.errors import MissingDependencyError, UsageError, format_problems
+from exporter.errors import MissingDependencyError, RunError, UsageError
+from exporter.testdata import value_dims
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.models.registry import ModelSpec, TensorSpec
@@ -32,12 +39,11 @@ __all__ = [
     "Runtime",
     "RUNTIMES",
     "ALIASES",
-    "EXTRAS",
     "check_arrays",
     "load_runtime",
     "runtime_class",
-    "missing_dependency",
     "spec_io",
+    "name_outputs",
     "onnx_path",
     "onnx_io",
 ]
@@ -55,27 +61,6 @@ RUNTIMES: Mapping[str, str] = MappingProxyType(
 
 #: Other accepted spellings (the registry calls the framework "flax"; its runtime is "jax").
 ALIASES: Mapping[str, str] = MappingProxyType({"flax": "jax", "ort": "onnxruntime"})
-
-#: Top-level module of an optional dependency -> the extra that installs it.
-EXTRAS: Mapping[str, str] = MappingProxyType(
-    {"torch": "torch", "onnxscript": "torch", "jax": "jax", "jaxlib": "jax", "flax": "jax"}
-)
-
-
-def missing_dependency(module: str, what: str) -> MissingDependencyError:
-    """The typed error for an optional framework that is not installed.
-
-    Args:
-        module: the top-level module that failed to import (``"torch"``, ``"flax"``).
-        what: what needed it (``"the torch runtime"``).
-
-    Returns:
-        A ``MissingDependencyError`` naming the extra to install.
-    """
-    extra = EXTRAS.get(module)
-    fix = f"pip install 'exporter[{extra}]'" if extra else f"pip install {module}"
-    return MissingDependencyError(f"{what} needs {module!r}, which is not installed; install with: {fix}")
-
 
 @dataclass(frozen=True)
 class IOSpec:
@@ -199,7 +184,7 @@ class Runtime(ABC):
         """
         arrays, problems = check_arrays(self.inputs, inputs)
         if problems:
-            raise UsageError(format_problems(f"{self.describe()}: the inputs do not fit the model", problems))
+            raise UsageError.listing(f"{self.describe()}: the inputs do not fit the model", problems)
         raw = self._run(arrays)
         got = list(raw)
         if sorted(got) != sorted(self.outputs):
@@ -218,6 +203,19 @@ class Runtime(ABC):
     def describe(self) -> str:
         """``"runtime 'onnxruntime' (path/model.onnx)"`` for messages."""
         return f"runtime {self.name!r}" + (f" ({self.source})" if self.source else "")
+
+    def run_error(self, error: BaseException, doing: str = "failed to run") -> RunError:
+        """The ``RunError`` for this runtime's own failure, in one line.
+
+        Args:
+            error: what the runtime raised (onnxruntime's Fail, a model's forward, ...).
+            doing: what failed (``"failed to run"``, ``"cannot load the model"``).
+
+        Returns:
+            ``RunError("runtime 'x' (source): <doing>: <ErrorType>: <message on one line>")``.
+        """
+        text = " ".join(str(error).split())
+        return RunError(f"{self.describe()}: {doing}: {type(error).__name__}: {text}")
 
     def close(self) -> None:
         """Release resources (sessions, subprocesses).  Safe to call twice."""
@@ -244,16 +242,15 @@ def runtime_class(name: str) -> type[Runtime]:
         raise UsageError(f"unknown runtime {name!r}; known runtimes: {', '.join(RUNTIMES)}")
     module_name, _, cls_name = RUNTIMES[key].partition(":")
     try:
+        # An adapter imports its framework through exporter.deps.require, which raises
+        # MissingDependencyError (naming the extra) when the framework is not installed.
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        top = (e.name or "").split(".")[0]
-        if e.name == module_name:
-            raise MissingDependencyError(
-                f"runtime {key!r} is not available: its adapter module {module_name!r} is not installed with this copy of exporter"
-            ) from e
-        if top in EXTRAS:
-            raise missing_dependency(top, f"runtime {key!r}") from e
-        raise
+        if e.name != module_name:
+            raise
+        raise MissingDependencyError(
+            f"runtime {key!r} is not available: its adapter module {module_name!r} is not installed with this copy of exporter"
+        ) from e
     cls = getattr(module, cls_name, None)
     if cls is None:  # e.g. only the runtimes/js/ data directory, without its adapter module
         raise MissingDependencyError(
@@ -306,6 +303,52 @@ def spec_io(spec: ModelSpec) -> tuple[tuple[IOSpec, ...], tuple[str, ...]]:
     return tuple(IOSpec.from_tensor_spec(t) for t in spec.inputs), tuple(spec.outputs)
 
 
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def name_outputs(spec: ModelSpec, build: str, result: Any, array_types: tuple[type, ...]) -> dict[str, Any]:
+    """Key what a framework build returned by the spec's output names.
+
+    A build may return one array (one declared output), a tuple/list in declared order, or
+    a mapping keyed by the declared names.
+
+    Args:
+        spec: the registry entry (its ``outputs``).
+        build: ``"torch"`` or ``"flax"``, for messages.
+        result: what the module's forward / ``apply`` returned.
+        array_types: the framework's array types (``torch.Tensor``; ``jax.Array``).
+
+    Returns:
+        ``{output_name: array}`` in ``spec.outputs`` order (still framework arrays).
+
+    Raises:
+        UsageError: the build returned another number of outputs, other names, or a value
+            that is not an array; the message names the model, what it returned and what the
+            spec declares.
+    """
+    declared = list(spec.outputs)
+    where = f"model {spec.name!r}: its {build} build returned"
+    fix = f"the spec declares outputs {declared}; return exactly those (one array, a tuple in that order, or a dict)"
+    if isinstance(result, Mapping):
+        got = list(result)
+        if sorted(map(str, got)) != sorted(declared) or len(got) != len(declared):
+            raise UsageError(f"{where} a {_kind(result)} with keys {got}, but {fix}")
+        values = [result[n] for n in declared]
+    elif isinstance(result, (tuple, list)):
+        if len(result) != len(declared):
+            raise UsageError(f"{where} a {_kind(result)} of {len(result)} values, but {fix}")
+        values = list(result)
+    else:
+        if len(declared) != 1:
+            raise UsageError(f"{where} one {_kind(result)}, but {fix}")
+        values = [result]
+    wrong = [f"{n!r} is a {_kind(v)}" for n, v in zip(declared, values) if not isinstance(v, array_types)]
+    if wrong:
+        raise UsageError(f"{where} non-array outputs ({', '.join(wrong)}), but {fix}")
+    return dict(zip(declared, values))
+
+
 def onnx_path(path: str | os.PathLike[str], runtime: str) -> str:
     """``path`` as a string after checking that it is an existing file (UsageError otherwise)."""
     p = os.fspath(path)
@@ -318,8 +361,12 @@ def onnx_path(path: str | os.PathLike[str], runtime: str) -> str:
     return p
 
 
-def onnx_io(model: Any) -> tuple[tuple[IOSpec, ...], tuple[str, ...]]:
+def onnx_io(model: Any, source: str = "") -> tuple[tuple[IOSpec, ...], tuple[str, ...]]:
     """Declared inputs and output names of an ``onnx.ModelProto`` (initializers are not inputs).
+
+    Args:
+        model: the loaded model.
+        source: where it came from (a path), named in the message.
 
     Raises:
         UsageError: an input that is not a numeric tensor.
@@ -345,18 +392,12 @@ def onnx_io(model: Any) -> tuple[tuple[IOSpec, ...], tuple[str, ...]]:
         if dtype == "object":
             problems.append(f"input {vi.name!r} is a string tensor")
             continue
-        shape: tuple[int | str | None, ...] | None = None
-        if tt.HasField("shape"):
-            dims: list[int | str | None] = []
-            for d in tt.shape.dim:
-                kind = d.WhichOneof("value")
-                dims.append(d.dim_value if kind == "dim_value" else d.dim_param if kind == "dim_param" else None)
-            shape = tuple(dims)
-        inputs.append(IOSpec(vi.name, dtype, shape))
+        dims = value_dims(vi)
+        inputs.append(IOSpec(vi.name, dtype, None if dims is None else tuple(dims)))
     if problems:
-        raise UsageError(
-            format_problems(
-                "the ONNX model has inputs exporter cannot feed (only numeric tensors are supported)", problems
-            )
+        raise UsageError.listing(
+            f"the ONNX model{' ' + repr(source) if source else ''} has inputs exporter cannot feed "
+            "(only numeric tensors are supported)",
+            problems,
         )
     return tuple(inputs), tuple(o.name for o in graph.output)

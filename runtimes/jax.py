@@ -1,8 +1,9 @@
 """jax adapter: the registry's flax build, ``module.apply`` under ``jax.jit``.
 
 This module imports jax and flax at the top; it is itself imported only on demand (by
-``exporter.runtimes.base.load_runtime`` or directly), so ``import runtimes`` stays cheap.  One
-compilation per distinct input shape (a sweep of four batch sizes compiles four times).
+``exporter.runtimes.base.load_runtime`` or directly), so ``import exporter.runtimes``
+stays cheap.  One compilation per distinct input shape (a sweep of four batch sizes
+compiles four times).
 """
 
 from __future__ import annotations
@@ -12,14 +13,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from exporter.errors import UsageError
-from exporter.runtimes.base import Runtime, missing_dependency, spec_io
+from exporter.deps import require
+from exporter.runtimes.base import Runtime, name_outputs, spec_io
 
-try:
-    import flax  # noqa: F401
-    import jax
-except ImportError as e:  # pragma: no cover - exercised only without jax
-    raise missing_dependency((e.name or "jax").split(".")[0], "runtime 'jax'") from e
+jax = require("jax", "runtime 'jax'")
+require("flax", "runtime 'jax'")
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.models.registry import ModelSpec
@@ -49,19 +47,21 @@ class JaxRuntime(Runtime):
 
     @classmethod
     def from_variables(cls, spec: ModelSpec, variables: Mapping[str, Any]) -> JaxRuntime:
-        """Wrap flax variables (``{"params": ..., "batch_stats": ...}``) directly."""
+        """Wrap flax variables (``{"params": ..., "batch_stats": ...}``) directly.
+
+        Raises:
+            UsageError: the model has no flax build.
+        """
         self = cls.__new__(cls)
         self._init(spec, variables)
         return self
 
     def _init(self, spec: ModelSpec, variables: Mapping[str, Any]) -> None:
-        if spec.flax_factory is None or "flax" not in spec.frameworks:
-            raise UsageError(f"model {spec.name!r} has no flax build (it has: {', '.join(spec.frameworks)})")
+        module = spec.factory("flax")()
         self.spec = spec
         self.variables = variables
         self.inputs, self.outputs = spec_io(spec)
         self.source = f"model {spec.name!r}, flax build"
-        module = spec.flax_factory()
         kwargs = dict(spec.flax_apply_kwargs)
 
         def apply(variables: Any, *args: Any) -> Any:
@@ -70,17 +70,13 @@ class JaxRuntime(Runtime):
         self._apply = jax.jit(apply)
 
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        result = self._apply(self.variables, *(inputs[i.name] for i in self.inputs))
-        if isinstance(result, Mapping):
-            outs = [result[n] for n in self.outputs]
-        elif isinstance(result, (tuple, list)):
-            outs = list(result)
-        else:
-            outs = [result]
-        assert len(outs) == len(self.outputs), (
-            f"{self.spec.name}: flax build returned {len(outs)} outputs, spec names {self.outputs}"
-        )
-        return {n: np.asarray(jax.device_get(o)) for n, o in zip(self.outputs, outs, strict=True)}
+        args = [inputs[i.name] for i in self.inputs]
+        try:  # tracing runs the model's own code: its errors surface here, as do XLA's
+            result = jax.block_until_ready(self._apply(self.variables, *args))
+        except Exception as e:
+            raise self.run_error(e) from e
+        outs = name_outputs(self.spec, "flax", result, (jax.Array, np.ndarray))
+        return {n: np.asarray(jax.device_get(o)) for n, o in outs.items()}
 
     def close(self) -> None:
         self.variables = {}

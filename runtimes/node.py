@@ -41,8 +41,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from exporter.errors import MissingDependencyError, UsageError
+from exporter.errors import MissingDependencyError, RunError, UsageError
 from exporter.runtimes.base import Runtime, onnx_io, onnx_path
+from exporter.testdata import read_tensors, write_tensors
 
 __all__ = [
     "NodeRuntime",
@@ -145,27 +146,6 @@ def _node_env() -> dict[str, str]:
     return env
 
 
-def _write_tensors(directory: Path, prefix: str, arrays: Mapping[str, np.ndarray]) -> None:
-    from onnx import numpy_helper
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for i, (name, value) in enumerate(arrays.items()):
-        proto = numpy_helper.from_array(np.ascontiguousarray(value), name=name)
-        (directory / f"{prefix}_{i}.pb").write_bytes(proto.SerializeToString())
-
-
-def _read_tensors(directory: Path, prefix: str) -> dict[str, np.ndarray]:
-    from onnx import TensorProto, numpy_helper
-
-    files = sorted(directory.glob(f"{prefix}_*.pb"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    out: dict[str, np.ndarray] = {}
-    for f in files:
-        t = TensorProto()
-        t.ParseFromString(f.read_bytes())
-        out[t.name] = numpy_helper.to_array(t)
-    return out
-
-
 def _tail(path: Path, limit: int = 2000) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace").strip()
@@ -204,7 +184,9 @@ class NodeRuntime(Runtime):
 
     Raises:
         MissingDependencyError: Node.js or the npm package onnxruntime-node is missing.
-        UsageError: missing file, or a model onnxruntime-node cannot load.
+        UsageError: missing file, bad arguments, or inputs that are not numeric tensors.
+        RunError: a model that onnx or onnxruntime-node cannot load; a run that node fails
+            (its error, a crash, a timeout) raises it too.
     """
 
     name: ClassVar[str] = "node"
@@ -231,8 +213,8 @@ class NodeRuntime(Runtime):
         try:
             model = onnx.load(self.path, load_external_data=False)
         except Exception as e:  # protobuf DecodeError and friends
-            raise UsageError(f"runtime 'node': {self.path!r} is not a readable ONNX model ({e}); re-export it") from e
-        self.inputs, self.outputs = onnx_io(model)
+            raise RunError(f"runtime 'node': {self.path!r} is not a readable ONNX model ({e}); re-export it") from e
+        self.inputs, self.outputs = onnx_io(model, self.path)
         del model
         self._tmp = tempfile.mkdtemp(prefix="exporter-node-")
         self._stderr_path = Path(self._tmp) / "stderr.txt"
@@ -265,29 +247,29 @@ class NodeRuntime(Runtime):
         threading.Thread(target=_pump, args=(self._proc.stdout, self._lines), daemon=True).start()
         hello = self._reply(_STARTUP_TIMEOUT, "start")
         if not hello.get("ready"):
-            raise UsageError(f"{self.describe()}: node did not start: {hello}")
+            raise RunError(f"{self.describe()}: node did not start: {hello}")
         self.runtime_versions = hello.get("runtime", {})
 
     def _reply(self, timeout: float, what: str) -> dict[str, Any]:
+        """The child's next JSON line; RunError when it times out, exits (e.g. it cannot load
+        the model at start) or writes something else."""
         try:
             text = self._lines.get(timeout=timeout)
         except queue.Empty:
             self.close()
-            raise UsageError(
+            raise RunError(
                 f"{self.describe()}: node gave no answer to {what} within {timeout:g} s and was stopped; "
                 "pass a larger timeout= for big models or inputs"
             ) from None
         if text is None:
             code = self._proc.wait() if self._proc is not None else None
-            stderr = _tail(self._stderr_path)
+            stderr = " ".join(_tail(self._stderr_path).split())
             self.close()
-            raise UsageError(
-                f"{self.describe()}: node exited (code {code}) during {what}: {stderr or '(no message)'}"
-            )
+            raise RunError(f"{self.describe()}: node exited (code {code}) during {what}: {stderr or '(no message)'}")
         try:
             return dict(json.loads(text))
         except (ValueError, TypeError) as e:
-            raise UsageError(f"{self.describe()}: node wrote something that is not a JSON line during {what}: {text[:200]!r}") from e
+            raise RunError(f"{self.describe()}: node wrote something that is not a JSON line during {what}: {text[:200]!r}") from e
 
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._proc is None or self._proc.poll() is not None:
@@ -295,19 +277,20 @@ class NodeRuntime(Runtime):
         self._requests += 1
         req_dir = Path(self._tmp) / f"run_{self._requests}"
         try:
-            _write_tensors(req_dir / "in", "input", {s.name: inputs[s.name] for s in self.inputs})
+            write_tensors(req_dir / "in", "input", {s.name: inputs[s.name] for s in self.inputs})
             request = {"id": self._requests, "inputs": str(req_dir / "in"), "outputs": str(req_dir / "out")}
             assert self._proc.stdin is not None
             try:
                 self._proc.stdin.write(json.dumps(request) + "\n")
                 self._proc.stdin.flush()
             except OSError as e:
-                raise UsageError(f"{self.describe()}: cannot talk to node ({e}): {_tail(self._stderr_path)}") from e
+                raise RunError(f"{self.describe()}: cannot talk to node ({e}): {' '.join(_tail(self._stderr_path).split())}") from e
             reply = self._reply(self.timeout, f"run {self._requests}")
             assert reply.get("id") == self._requests, (reply, self._requests)
             if not reply.get("ok"):
-                raise UsageError(f"{self.describe()}: onnxruntime-node failed: {reply.get('error')}")
-            return _read_tensors(req_dir / "out", "output")
+                text = " ".join(str(reply.get("error")).split())
+                raise RunError(f"{self.describe()}: failed to run: onnxruntime-node: {text}")
+            return read_tensors(req_dir / "out", "output")
         finally:
             shutil.rmtree(req_dir, ignore_errors=True)
 
@@ -348,7 +331,7 @@ def node_verify(
 
     Raises:
         MissingDependencyError: Node.js or onnxruntime-node is missing.
-        UsageError: node produced no JSON report (timeout or crash).
+        RunError: node produced no JSON report (timeout or crash).
     """
     available = check_available()
     cmd = [available["node"], str(SCRIPT), "verify", os.path.abspath(bundle)]
@@ -367,11 +350,11 @@ def node_verify(
             cmd, capture_output=True, text=True, encoding="utf-8", cwd=str(NODE_DIR), env=_node_env(), timeout=timeout
         )
     except subprocess.TimeoutExpired as e:
-        raise UsageError(f"node verify of {bundle} did not finish within {timeout:g} s; pass a larger timeout=") from e
+        raise RunError(f"node verify of {bundle} did not finish within {timeout:g} s; pass a larger timeout=") from e
     try:
         report = json.loads(proc.stdout)
     except ValueError as e:
-        raise UsageError(
+        raise RunError(
             f"node verify of {bundle} exited with code {proc.returncode} without a JSON report: "
             f"{(proc.stderr or proc.stdout).strip()[-2000:] or '(no output)'}"
         ) from e

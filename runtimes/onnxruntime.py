@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from exporter.errors import MissingDependencyError, UsageError
+from exporter.deps import require
+from exporter.errors import RunError, UsageError
 from exporter.runtimes.base import IOSpec, Runtime, onnx_path
 
 __all__ = ["OnnxRuntime", "OPTIMIZATION_LEVELS", "ORT_DTYPES"]
@@ -61,13 +62,8 @@ ORT_DTYPES: Mapping[str, str] = {
 
 
 def _ort() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as e:  # a core dependency, but be explicit when it is broken/missing
-        raise MissingDependencyError(
-            "runtime 'onnxruntime' needs the onnxruntime package; install with: pip install onnxruntime"
-        ) from e
-    return onnxruntime
+    # A core dependency, imported only when a session is made: importing this module stays cheap.
+    return require("onnxruntime", "runtime 'onnxruntime'")
 
 
 #: ``.onnx`` files larger than this hold their weights inline (protobuf caps a file at 2 GiB,
@@ -106,8 +102,10 @@ class OnnxRuntime(Runtime):
             model's weights are not external data (see the module docstring).
 
     Raises:
-        UsageError: missing file, unknown optimisation level, bad thread count, or a file
-            onnxruntime cannot load (its message is included).
+        UsageError: missing file, unknown optimisation level, bad thread count, or inputs
+            that are not numeric tensors.
+        RunError: onnxruntime cannot load the file (its message is included); running a
+            case that onnxruntime fails on raises it too.
     """
 
     name: ClassVar[str] = "onnxruntime"
@@ -151,7 +149,7 @@ class OnnxRuntime(Runtime):
         try:
             self._session = ort.InferenceSession(self.path, sess_options=so, providers=self._providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise UsageError(
+            raise RunError(
                 f"runtime 'onnxruntime': cannot load {self.path!r}: {type(e).__name__}: {e}; "
                 "check that the file is a complete ONNX model (re-export it) and that its opset is supported "
                 f"by onnxruntime {ort.__version__}"
@@ -175,7 +173,10 @@ class OnnxRuntime(Runtime):
         self.outputs = tuple(o.name for o in self._session.get_outputs())
 
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        values = self._session.run(list(self.outputs), inputs)
+        try:
+            values = self._session.run(list(self.outputs), inputs)
+        except Exception as e:  # onnxruntime's Fail/RuntimeException/...: e.g. a Reshape that baked in a size
+            raise self.run_error(e) from e
         return dict(zip(self.outputs, values, strict=True))
 
     def session_options(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from exporter.errors import UsageError
+from exporter.errors import RunError
 from exporter.runtimes.base import Runtime, onnx_io, onnx_path
 
 __all__ = ["ReferenceRuntime"]
@@ -25,7 +25,9 @@ class ReferenceRuntime(Runtime):
         path: the ``.onnx`` file (external data is read from beside it).
 
     Raises:
-        UsageError: missing file, or a file that onnx cannot load or evaluate.
+        UsageError: missing file, or inputs that are not numeric tensors.
+        RunError: a file that onnx cannot load or the evaluator cannot take; running a case
+            that the evaluator fails on raises it too.
     """
 
     name: ClassVar[str] = "reference"
@@ -40,15 +42,18 @@ class ReferenceRuntime(Runtime):
         try:
             model = onnx.load(self.path)
             self._evaluator = ReferenceEvaluator(model)
-            self.inputs, self.outputs = onnx_io(model)
         except Exception as e:  # protobuf DecodeError, missing external data, unsupported op...
-            raise UsageError(
+            raise RunError(
                 f"runtime 'reference': cannot load {self.path!r}: {type(e).__name__}: {e}; "
                 f"check that the file is a complete ONNX model that onnx {onnx.__version__} supports"
             ) from e
+        self.inputs, self.outputs = onnx_io(model, self.path)
 
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        values = self._evaluator.run(list(self.outputs), inputs)
+        try:
+            values = self._evaluator.run(list(self.outputs), inputs)
+        except Exception as e:  # an op the evaluator cannot run on these inputs
+            raise self.run_error(e) from e
         return dict(zip(self.outputs, values, strict=True))
 
     def close(self) -> None:

@@ -126,3 +126,45 @@ def test_convert_api(tmp_path: Path) -> None:
         exporter.convert(src, src)
     with pytest.raises(UsageError, match="unknown target layout"):
         exporter.convert(src, tmp_path / "x.npz", model="cnn", to="tf")
+
+
+def test_plan_export_collects_every_problem(tmp_path: Path) -> None:
+    from exporter import api
+
+    with pytest.raises(UsageError, match="the export request has 3 problems") as info:
+        api.plan_export("mlp", opset=7, atol=-1.0, batch_sizes=(0,), out=tmp_path)
+    assert len(info.value.problems) == 3
+    assert any("opset 7" in p for p in info.value.problems) and any("batch size 0" in p for p in info.value.problems)
+    (plan,) = api.plan_export("transformer", batch_sizes=(1, 3), dims={"seq": (2, 5)}, seed=4, out=tmp_path)
+    assert plan.frameworks == ("torch", "flax") and plan.batch_sizes == [1, 3]
+    assert [label for label, _dims, _feed in plan.runs] == ["batch=1,seq=2", "batch=1,seq=5", "batch=3,seq=2", "batch=3,seq=5"]
+    assert plan.runs[3][2]["x"].shape == (3, 5, 32) and plan.bundle_dir("flax") == tmp_path / "transformer" / "flax"
+    assert not any(tmp_path.iterdir())  # planning writes nothing
+
+
+def test_the_state_is_read_and_checked_once_per_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both bundles of a model come from one read_state and one strict prepare_state."""
+    from exporter import rebuild, state
+
+    spec = registry.get("mlp")
+    ckpt = exporter.save_state(rebuild.init_state(spec, seed=2), tmp_path / "w.safetensors")
+    calls = {"read_state": 0, "prepare_state": 0}
+    real_read, real_prepare = state.read_state, rebuild.prepare_state
+
+    def read(*a, **k):
+        calls["read_state"] += 1
+        return real_read(*a, **k)
+
+    def prepare(*a, **k):
+        calls["prepare_state"] += 1
+        return real_prepare(*a, **k)
+
+    monkeypatch.setattr(state, "read_state", read)
+    monkeypatch.setattr(rebuild, "prepare_state", prepare)
+    report = exporter.export("mlp", checkpoint=ckpt, batch_sizes=(1, 3), out=tmp_path / "out")
+    assert report and len(report.results) == 2
+    assert calls == {"read_state": 1, "prepare_state": 1}
+    assert {r.checkpoint["sha256"] for r in report.results} == {state.sha256_path(ckpt)}
+    calls.update(read_state=0, prepare_state=0)
+    seeded = exporter.export("mlp", batch_sizes=(1,), out=tmp_path / "seeded")  # the seeded state: read back once too
+    assert seeded and calls == {"read_state": 1, "prepare_state": 1}

@@ -95,3 +95,37 @@ def test_clean_temp_removes_leftovers_only(tmp_path):
     removed = atomic.clean_temp(tmp_path, on_remove=seen.append)
     assert sorted(p.name for p in removed) == [".tmp-ckpt.abc", ".tmp-f.bin.xyz"] == sorted(p.name for p in seen)
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]
+
+
+def test_writes_inside_an_atomic_dir_are_plain_and_fsynced_once(tmp_path, monkeypatch):
+    """Inside atomic_dir: no per-file temp/rename; on publish one fsync per file and per
+    directory, plus the parent once."""
+    synced = []
+    real = os.fsync
+
+    def counting(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    final = tmp_path / "bundle"
+    with atomic.atomic_dir(final) as d:
+        atomic.write_bytes(d / "a.bin", b"1")  # a writer built on atomic_write
+        assert sorted(p.name for p in d.iterdir()) == ["a.bin"]  # written in place, no temp name
+        (d / "sub").mkdir()
+        (d / "sub" / "b.txt").write_text("2")
+        assert not synced  # nothing fsynced while the directory is filled
+    assert (final / "a.bin").read_bytes() == b"1" and (final / "sub" / "b.txt").read_text() == "2"
+    names = sorted(os.path.basename(p) for p in synced)
+    assert len(synced) == 5 and names.count("a.bin") == 1 and names.count("b.txt") == 1, synced
+    assert synced[-1] == str(tmp_path)  # the parent, once, after the rename
+    synced.clear()
+    atomic.write_bytes(tmp_path / "f.bin", b"x")  # outside: file and directory
+    assert len(synced) == 2
+
+
+def test_scratch_dir_is_plain_and_removed(tmp_path):
+    with atomic.scratch_dir(tmp_path) as d:
+        atomic.write_bytes(d / "s.bin", b"1")
+        assert [p.name for p in d.iterdir()] == ["s.bin"] and d.name.startswith(atomic.TMP_PREFIX)
+    assert not d.exists() and not list(tmp_path.iterdir())

@@ -16,6 +16,7 @@ import pytest
 
 from exporter import rebuild, state
 from exporter.models import registry
+from exporter.runtimes.torch import TorchRuntime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,9 +87,10 @@ def test_safetensors_load_is_one_buffer_of_views(tmp_path: Path) -> None:
 
 def test_safetensors_load_truncated_while_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from exporter.errors import StateFileError
+    from exporter.formats import _common
 
     path = state.save_state({"w": np.ones((64, 64), np.float32)}, tmp_path / "w.safetensors")
-    monkeypatch.setattr(state, "_pread_into", lambda p, view, offset: len(view) - 4)  # the file shrank after validation
+    monkeypatch.setattr(_common, "_pread_into", lambda fd, view, offset: len(view) - 4)  # the file shrank after validation
     with pytest.raises(StateFileError, match="truncated"):
         state.load_state(path)
 
@@ -117,7 +119,7 @@ def test_torch_module_shares_memory_with_canonical() -> None:
     copied = rebuild.torch_module(spec, canonical, copy=True)
     assert all(v.data_ptr() != canonical[k].ctypes.data for k, v in copied.state_dict().items())
     x = spec.example_inputs({"batch": 3})
-    np.testing.assert_array_equal(rebuild.run_torch(spec, module, x)["y"], rebuild.run_torch(spec, copied, x)["y"])
+    np.testing.assert_array_equal(TorchRuntime.from_module(spec, module).run(x)["y"], TorchRuntime.from_module(spec, copied).run(x)["y"])
 
 
 def test_torch_module_read_only_state_is_copied() -> None:
@@ -139,7 +141,7 @@ def test_torch_module_falls_back_for_buffers_the_state_lacks() -> None:
     assert tracked and all(not buffers[k].is_meta and int(buffers[k]) == 0 for k in tracked)
     again = rebuild.torch_module(spec, canonical, copy=True)
     x = spec.example_inputs({"batch": 2})
-    np.testing.assert_array_equal(rebuild.run_torch(spec, module, x)["y"], rebuild.run_torch(spec, again, x)["y"])
+    np.testing.assert_array_equal(TorchRuntime.from_module(spec, module).run(x)["y"], TorchRuntime.from_module(spec, again).run(x)["y"])
 
 
 # ----------------------------------------------------------------------------- onnxruntime prepacking (P6)

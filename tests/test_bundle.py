@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import pytest
 
-from exporter import bundle
-from exporter.errors import UsageError
+from exporter import bundle, testdata
+from exporter.errors import BundleError
 from exporter.models import registry
 
 MODELS = registry.names()
@@ -44,7 +44,7 @@ def test_bundle_layout(exported, model: str, framework: str) -> None:
     assert sorted(p.name for p in d.glob("test_data_set_*")) == sorted(s["dir"] for s in sets)
     graph = onnx.load(str(d / "model.onnx"), load_external_data=False).graph
     for s in sets:
-        inputs, outputs = bundle.read_test_data(d / s["dir"])
+        inputs, outputs = testdata.read_test_data(d / s["dir"])
         assert list(inputs) == [i.name for i in graph.input] == [t.name for t in spec.inputs]
         assert list(outputs) == [o.name for o in graph.output] == list(spec.outputs)
         assert inputs[spec.inputs[0].name].shape[0] == s["dims"]["batch"]
@@ -67,7 +67,7 @@ def test_test_data_outputs_are_the_original_frameworks(exported, model: str) -> 
     for fw, cls in (("torch", TorchRuntime), ("flax", JaxRuntime)):
         d = _path(exported, model, fw)
         rt = cls(spec, state.load_state(d / "state.safetensors"))
-        inputs, outputs = bundle.read_test_data(d / "test_data_set_1")
+        inputs, outputs = testdata.read_test_data(d / "test_data_set_1")
         again = rt.run(inputs)
         for name, value in outputs.items():
             np.testing.assert_array_equal(again[name], value, err_msg=f"{model} {fw} {name}")
@@ -142,8 +142,8 @@ def test_interrupted_export_leaves_no_half_bundle(exported, tmp_path: Path, monk
 def test_test_data_round_trip(tmp_path: Path) -> None:
     inputs = {"input_ids": np.arange(6, dtype=np.int64).reshape(2, 3), "mask": np.ones((2, 3), np.float32)}
     outputs = {"y": np.linspace(-1, 1, 4, dtype=np.float32)}
-    bundle.write_test_data(tmp_path / "test_data_set_0", inputs, outputs)
-    got_in, got_out = bundle.read_test_data(tmp_path / "test_data_set_0")
+    testdata.write_test_data(tmp_path / "test_data_set_0", inputs, outputs)
+    got_in, got_out = testdata.read_test_data(tmp_path / "test_data_set_0")
     assert list(got_in) == ["input_ids", "mask"] and list(got_out) == ["y"]
     for a, b in ((inputs, got_in), (outputs, got_out)):
         for k in a:
@@ -154,24 +154,54 @@ def test_test_data_round_trip(tmp_path: Path) -> None:
 def test_verify_bad_bundles(exported, tmp_path: Path) -> None:
     import exporter
 
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(BundleError, match="does not exist"):
         exporter.verify(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UsageError, match="holds no exporter bundle"):
+    with pytest.raises(BundleError, match="holds no exporter bundle"):
         exporter.verify(tmp_path / "empty")
     d = tmp_path / "b"
     shutil.copytree(_path(exported, "mlp", "torch"), d)
     shutil.rmtree(d / "test_data_set_2")
-    with pytest.raises(UsageError, match="test_data_set_2 is missing"):
+    with pytest.raises(BundleError, match="test_data_set_2 is missing"):
         exporter.verify(d)
     (d / "manifest.json").write_text("{not json")
-    with pytest.raises(UsageError, match="cannot be read as JSON"):
+    with pytest.raises(BundleError, match="cannot be read as JSON"):
         exporter.verify(d)
     (d / "manifest.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(UsageError, match="not an exporter bundle"):
+    with pytest.raises(BundleError, match="not an exporter bundle"):
         exporter.verify(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="holds no exporter bundle"):
+        exporter.verify(d)
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        bundle.read_manifest(d)
+    # a bad .pb, and malformed recorded tolerances, in an otherwise complete bundle
+    e = tmp_path / "c"
+    shutil.copytree(_path(exported, "mlp", "torch"), e)
+    (e / "test_data_set_1" / "output_0.pb").write_bytes(b"\xff\xff not a tensor")
+    with pytest.raises(BundleError, match="output_0.pb is not a valid ONNX TensorProto"):
+        exporter.verify(e)
+    manifest = json.loads((e / "manifest.json").read_text())
+    manifest["tolerances"]["per_output"]["y"] = {"atol": "loose"}
+    (e / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"tolerances.per_output.y"):
+        exporter.verify(e)
 
 
 def test_find_bundles_expands_an_out_directory(exported) -> None:
     found = bundle.find_bundles(exported.out)
     assert {(p.parent.name, p.name) for p in found} == set(PAIRS)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_seeded_state_is_the_same_file_in_both_bundles(exported, model: str) -> None:
+    """One seeded state per model: each bundle holds its own copy of the same bytes."""
+    from exporter.hashing import sha256_file
+
+    files = [_path(exported, model, fw) / "state.safetensors" for fw in registry.get(model).frameworks]
+    assert len({f.read_bytes() for f in files}) == 1
+    for f in files:
+        assert f.stat().st_nlink == 1  # a copy, not a link: editing one bundle cannot change another
+        manifest = json.loads((f.parent / "manifest.json").read_text())
+        assert manifest["checkpoint"]["seeded"] is True and manifest["checkpoint"]["sha256"] == sha256_file(f)
+    assert not [p for p in (exported.out / model).iterdir() if p.name.startswith(".tmp-")]  # no scratch left

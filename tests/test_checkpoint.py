@@ -1,4 +1,4 @@
-"""exporter.checkpoint: durable/atomic step directories, manifest hashes, retention, fallback, codecs."""
+"""exporter.checkpoint: durable/atomic step directories, manifest hashes, retention, fallback, the format."""
 from __future__ import annotations
 
 import errno
@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from exporter import checkpoint as C
-from exporter.errors import CheckpointCorruptError, CheckpointError, StateMismatchError
+from exporter import treecodec
+from exporter.rng import restore_rng
+from exporter.errors import CheckpointCorruptError, CheckpointError, StateFileError, StateMismatchError, UsageError
 
 
 def _model(step: int) -> dict[str, np.ndarray]:
@@ -301,120 +303,261 @@ def test_clean_removes_leftover_temp_dirs(tmp_path: Path) -> None:
     assert _names(tmp_path) == ["step-00000001"]
 
 
-# ---------------------------------------------------------------------------------------
-# codecs: nested state, optax pytrees, RNG states
-# ---------------------------------------------------------------------------------------
-def test_encode_tree_roundtrip_exact(tmp_path: Path) -> None:
-    obj = {
-        "state": {0: {"step": np.array(3.0, np.float32), "buf": np.arange(4.0)}, 1: {}},
-        "groups": [{"lr": 0.1 + 0.2, "betas": (0.9, 0.999), "params": [0, 1], "flag": None, "on": True}],
-        "odd": {"__tensor__": "not a ref", "inf": math.inf, "nan": math.nan, "neg": -math.inf},
-        "scalar": np.float32(1.5),
-        "big": 2**100,
-    }
-    tensors: dict[str, np.ndarray] = {}
-    doc = C.encode_tree(obj, tensors)
-    text = json.dumps(doc, allow_nan=False)  # plain JSON
-    back = C.decode_tree(json.loads(text), tensors)
-    assert back["state"][0]["step"].shape == () and back["state"][0]["step"].dtype == np.float32
-    assert list(back["state"]) == [0, 1] and back["state"][1] == {}
-    assert back["groups"][0]["betas"] == (0.9, 0.999) and isinstance(back["groups"][0]["betas"], tuple)
-    assert back["groups"][0]["lr"] == 0.1 + 0.2
-    assert back["odd"]["__tensor__"] == "not a ref" and back["odd"]["inf"] == math.inf
-    assert math.isnan(back["odd"]["nan"])
-    assert back["scalar"] == np.float32(1.5) and type(back["scalar"]) is np.float32
-    assert back["big"] == 2**100
-    with pytest.raises(CheckpointError, match="type builtins.object"):
-        C.encode_tree({"a": [object()]}, {})
-
-
-def test_torch_optimizer_and_scheduler_roundtrip_bit_exact() -> None:
-    torch = pytest.importorskip("torch")
-
-    def make() -> tuple:
-        torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 2))
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-        return m, opt, sched
-
-    def step(m, opt, sched, i: int) -> None:  # noqa: ANN001
-        x = torch.from_numpy(np.random.default_rng(i).standard_normal((4, 5)).astype(np.float32))
-        opt.zero_grad()
-        m(x).pow(2).mean().backward()
-        opt.step()
-        sched.step()
-
-    m, opt, sched = make()
-    for i in range(3):
-        step(m, opt, sched, i)
-    tensors: dict[str, np.ndarray] = {}
-    doc = C.encode_tree({"opt": opt.state_dict(), "sched": sched.state_dict()}, tensors)
-    saved_model = {k: v.clone() for k, v in m.state_dict().items()}
-    doc = json.loads(json.dumps(doc))
-    for i in range(3, 6):
-        step(m, opt, sched, i)
-
-    m2, opt2, sched2 = make()
-    m2.load_state_dict(saved_model)
-    back = C.decode_tree(doc, tensors)
-    assert isinstance(back["opt"]["state"][0]["step"], torch.Tensor)
-    assert back["opt"]["state"][0]["step"].shape == ()
-    opt2.load_state_dict(back["opt"])
-    sched2.load_state_dict(back["sched"])
-    for i in range(3, 6):
-        step(m2, opt2, sched2, i)
-    for k, v in m.state_dict().items():
-        assert torch.equal(v, m2.state_dict()[k]), k
-    assert sched.get_last_lr() == sched2.get_last_lr()
-
-
-def test_optax_state_roundtrip_and_structure_check() -> None:
-    jax = pytest.importorskip("jax")
-    optax = pytest.importorskip("optax")
-    jnp = jax.numpy
-    params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
-    tx = optax.adamw(optax.exponential_decay(1e-2, 1, 0.9))
-    state = tx.init(params)
-    grads = jax.tree.map(lambda p: p * 0.5 + 0.1, params)
-    _, state = tx.update(grads, state, params)
-    doc, tensors = C.flatten_pytree(state)
-    doc = json.loads(json.dumps(doc))
-    back = C.restore_pytree(tx.init(params), doc, tensors)
-    a_leaves, a_def = jax.tree_util.tree_flatten(state)
-    b_leaves, b_def = jax.tree_util.tree_flatten(back)
-    assert a_def == b_def
-    for a, b in zip(a_leaves, b_leaves):
-        assert isinstance(b, jax.Array) and a.dtype == b.dtype and a.shape == b.shape
-        assert np.array_equal(np.asarray(a), np.asarray(b))
-    other = tx.init({"dense": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}})
-    with pytest.raises(CheckpointError, match=r"saved float32\[3, 2\], expected float32\[4, 2\]"):
-        C.restore_pytree(other, doc, tensors, what="optax state")
-    with pytest.raises(CheckpointError, match="structure differs"):
-        C.restore_pytree(optax.sgd(0.1).init(params), doc, tensors)
-
-
-def test_rng_capture_restore() -> None:
-    import random
-
-    torch = pytest.importorskip("torch")
-    gen = np.random.default_rng(5)
-    doc, tensors = C.capture_rng({"data": gen}, torch=True)
-    doc = json.loads(json.dumps(doc))
-
-    def draw() -> tuple:
-        return (random.random(), np.random.random(), gen.integers(1 << 30), torch.rand(3).tolist())
-
-    first = draw()
-    C.restore_rng(doc, tensors, {"data": gen})
-    assert draw() == first
-    with pytest.raises(CheckpointError, match="no state for NumPy generator 'other'"):
-        C.restore_rng(doc, tensors, {"other": gen})
-
-
 def test_state_sha256_sensitive_to_names_dtype_bytes() -> None:
     a = {"w": np.zeros(3, np.float32)}
     assert C.state_sha256(a) == C.state_sha256({"w": np.zeros(3, np.float32)})
     assert C.state_sha256(a) != C.state_sha256({"v": np.zeros(3, np.float32)})
     assert C.state_sha256(a) != C.state_sha256({"w": np.zeros(3, np.float64)})
     assert C.state_sha256(a) != C.state_sha256({"w": np.array([0, 0, 1], np.float32)})
+
+
+# ---------------------------------------------------------------------------------------
+# the on-disk format: a checkpoint written by an earlier exporter still loads, and today's
+# code writes the same bytes from the same content
+# ---------------------------------------------------------------------------------------
+GOLDEN = Path(__file__).parent / "data" / "checkpoint-v1"
+
+
+def _golden_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_checkpoint_v1", GOLDEN.parent / "make_checkpoint_v1.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_golden_v1_checkpoint_loads() -> None:
+    import random
+
+    import jax.numpy as jnp
+    import torch
+
+    step_dir = GOLDEN / "step-00000003"
+    assert C.verify_checkpoint(step_dir) == []
+    assert C.is_checkpoint(GOLDEN) and [i.valid for i in C.list_checkpoints(GOLDEN)] == [True]
+    ck = C.load_checkpoint(step_dir)
+    assert (ck.step, ck.model, ck.framework) == (3, "mlp", "torch")
+    assert C.latest_checkpoint(GOLDEN).path == step_dir
+    model = C.load_model_state(GOLDEN, model="mlp")
+    assert np.array_equal(model["hidden.weight"], np.arange(12, dtype=np.float32).reshape(4, 3) / 8)
+    assert ck.group("model_extra")["hidden.num_batches_tracked"].shape == ()
+
+    opt = treecodec.decode_tree(ck.state["optimizer"], ck.group("optimizer"))
+    s0 = opt["optimizer"]["state"][0]
+    assert list(opt["optimizer"]["state"]) == [0, 1] and opt["optimizer"]["state"][1] == {}
+    assert s0["step"].dtype == torch.float32 and s0["step"].item() == 3.0
+    assert s0["half"].dtype == torch.bfloat16 and s0["half"].tolist() == [1.0, 1.0]
+    assert opt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert opt["scheduler"] == {"last_epoch": 3, "_last_lr": [0.00099]}
+    assert math.isnan(treecodec.decode_tree(ck.state["loss"], {}))
+    odd = treecodec.decode_tree(ck.state["odd"], {})
+    assert odd == {"t": (1, 2.5), 7: np.float32(1.5), "inf": math.inf, "__x": None} and type(odd[7]) is np.float32
+
+    template = ({"count": jnp.asarray(np.int32(0))}, {"mu": {"w": jnp.zeros((4, 3), jnp.float32)}})
+    optax_state = treecodec.restore_pytree(template, ck.state["optax"], ck.group("optimizer"))
+    assert int(optax_state[0]["count"]) == 3 and np.array_equal(np.asarray(optax_state[1]["mu"]["w"]), model["hidden.weight"])
+
+    # the stored RNG states are those right after seeding with 7 (the data generator: 11)
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    expected = (random.random(), np.random.random(), torch.rand(2).tolist(), np.random.default_rng(11).integers(1 << 30))
+    gen = np.random.default_rng(0)
+    restore_rng(ck.state["rng"], ck.group("rng"), {"data": gen})
+    assert (random.random(), np.random.random(), torch.rand(2).tolist(), gen.integers(1 << 30)) == expected
+
+
+def test_golden_v1_format_is_written_identically(tmp_path: Path) -> None:
+    written = _golden_module().write(tmp_path)
+    stored = GOLDEN / "step-00000003"
+    assert _names(written) == _names(stored)
+    for f in sorted(stored.iterdir()):
+        if f.name != "manifest.json":
+            assert (written / f.name).read_bytes() == f.read_bytes(), f.name
+    new, old = (json.loads((d / "manifest.json").read_text()) for d in (written, stored))
+    volatile = {"created", "versions", "manifest_sha256"}  # a timestamp, library versions, their hash
+    assert {k: v for k, v in new.items() if k not in volatile} == {k: v for k, v in old.items() if k not in volatile}
+
+
+# ---------------------------------------------------------------------------------------
+# error types: a corrupt step is a CheckpointError and a StateFileError
+# ---------------------------------------------------------------------------------------
+def test_corrupt_step_is_a_checkpoint_error_and_a_state_file_error(tmp_path: Path) -> None:
+    import exporter
+
+    step_dir = _save(tmp_path, 1)
+    _flip_byte(step_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match="corrupt or incomplete") as info:
+        C.load_checkpoint(step_dir)
+    assert isinstance(info.value, CheckpointCorruptError) and isinstance(info.value, StateFileError)
+    assert "model.safetensors: tensor 'hidden.bias' sha256 mismatch (content altered or damaged)" in info.value.problems
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        with pytest.warns(C.CheckpointWarning):
+            C.latest_checkpoint(tmp_path)
+    with pytest.raises(StateFileError, match="hidden.bias"):  # exporting from it: a bad state file
+        exporter.load_state(step_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# bad arguments: a typed error naming the argument, never an assert or a bare TypeError
+# ---------------------------------------------------------------------------------------
+_GOOD_TENSORS = {"model": {"w": np.zeros(2, np.float32)}}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"step": -1}, r"step must be an integer >= 0 .*got -1 \(int\)"),
+        ({"step": 1.5}, r"step must be an integer >= 0"),
+        ({"step": "3"}, r"step must be an integer >= 0 .*got '3' \(str\)"),
+        ({"step": True}, r"step must be an integer >= 0"),
+        ({"keep": 0}, r"keep must be an integer >= 1 .*None to keep all.*got 0"),
+        ({"keep": "2"}, r"keep must be an integer >= 1"),
+        ({"keep": 2, "keep_every": 0}, r"keep_every must be None or an integer >= 1"),
+        ({"keep": 2, "keep_every": 2.0}, r"keep_every must be None or an integer >= 1"),
+        ({"model": ""}, r"model must be the model's registry name"),
+        ({"model": None}, r"model must be the model's registry name"),
+        ({"framework": "tf"}, r"framework must be one of 'torch', 'flax', got 'tf'"),
+        ({"tensors": [np.zeros(2)]}, r"tensors must be a mapping of group name"),
+        ({"tensors": {"optimizer": {}}}, r"tensors must hold the 'model' group"),
+        ({"tensors": {**_GOOD_TENSORS, "Opt": {}}}, r"group name 'Opt' must match \^\[a-z\]"),
+        ({"tensors": {**_GOOD_TENSORS, "my-rng": {}}}, r"group name 'my-rng' must match"),
+        ({"tensors": {**_GOOD_TENSORS, 3: {}}}, r"group name 3 must match"),
+        ({"tensors": {"model": [np.zeros(2)]}}, r"group 'model' must be a mapping of tensor name -> array"),
+        ({"tensors": {"model": {"w": [1.0, 2.0]}}}, r"tensor model/w must be an array .*got \[1\.0, 2\.0\] \(list\)"),
+        ({"tensors": {"model": {"w": None}}}, r"tensor model/w must be an array"),
+        ({"tensors": {"model": {"w": "abc"}}}, r"tensor model/w must be an array"),
+        ({"tensors": {"model": {3: np.zeros(1)}}}, r"tensor model/3: names must be non-empty str"),
+        ({"tensors": {"model": {"w": np.array([object()])}}}, r"tensor model/w: dtype object cannot be stored"),
+        ({"tensors": {"model": {"w": np.array(["a"])}}}, r"tensor model/w: dtype <U1 cannot be stored"),
+        ({"state": [1, 2]}, r"state must be a JSON-serialisable mapping"),
+        ({"state": {"x": np.float32(1)}}, r"state must be plain JSON .*encode_tree"),
+        ({"state": {"x": math.nan}}, r"state must be plain JSON"),
+    ],
+)
+def test_save_checkpoint_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
+    args = {"step": 1, "model": "mlp", "framework": "torch", "tensors": _GOOD_TENSORS, "state": {}, **kwargs}
+    step = args.pop("step")
+    with pytest.raises(UsageError, match=r"invalid arguments to save_checkpoint\(\):\n  - " + match):
+        C.save_checkpoint(tmp_path / "ck", step, **args)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_save_checkpoint_lists_every_bad_argument_capped(tmp_path: Path) -> None:
+    bad = {f"t{i:02d}": [i] for i in range(30)}
+    with pytest.raises(UsageError) as info:
+        C.save_checkpoint(tmp_path, -1, model="mlp", framework="torch", tensors={"model": bad}, state={}, keep=0)
+    err = info.value
+    assert len(err.problems) == 32 and any(p.startswith("step must be") for p in err.problems)
+    assert "keep must be" in str(err) and "... and 10 more tensor" in str(err)
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_checkpoint_rejects_dtypes_it_could_not_read_back(tmp_path: Path) -> None:
+    import ml_dtypes
+    import torch
+
+    with pytest.raises(UsageError, match=r"tensor optimizer/m: dtype bfloat16 cannot be stored.*float32 \(exact\)"):
+        C.save_checkpoint(
+            tmp_path, 1, model="mlp", framework="torch", state={},
+            tensors={"model": {"w": np.zeros(1)}, "optimizer": {"m": np.zeros(2, ml_dtypes.bfloat16)}},
+        )  # fmt: skip
+    with pytest.raises(UsageError, match=r"tensor model/w: cannot be read as a numpy array .*detach\(\)"):
+        C.save_checkpoint(tmp_path, 1, model="mlp", framework="torch", state={}, tensors={"model": {"w": torch.ones(2, requires_grad=True)}})
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_checkpoint_accepts_numpy_ints_torch_tensors_and_other_byte_orders(tmp_path: Path) -> None:
+    import torch
+
+    big_endian = np.arange(3, dtype=">f4")
+    path = C.save_checkpoint(
+        tmp_path, np.int64(4), model="mlp", framework="flax", state={},
+        tensors={"model": {"w": big_endian, "t": torch.arange(3), "s": np.float16(2)}},
+    )  # fmt: skip
+    assert path.name == "step-00000004" and C.verify_checkpoint(path) == []
+    m = C.load_checkpoint(path).group("model")
+    assert m["w"].dtype == np.float32 and m["w"].tolist() == [0.0, 1.0, 2.0]
+    assert m["t"].dtype == np.int64 and m["s"].shape == ()
+
+
+def test_save_checkpoint_into_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "ck"
+    f.write_text("not a directory")
+    with pytest.raises(CheckpointError, match=r"checkpoint directory .*ck is a file, not a directory"):
+        C.save_checkpoint(f, 1, model="mlp", framework="torch", tensors=_GOOD_TENSORS, state={})
+    assert f.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"keep": 0}, r"keep must be an integer >= 1 \(how many of the newest checkpoints to keep\), got 0"),
+        ({"keep": None}, r"keep must be an integer >= 1"),
+        ({"keep": 1.0}, r"keep must be an integer >= 1"),
+        ({"keep": 1, "keep_every": -2}, r"keep_every must be None or an integer >= 1"),
+        ({"keep": 1, "protect": 7}, r"protect must be None or the path of a step directory"),
+    ],
+)
+def test_prune_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    with pytest.raises(UsageError, match=match):
+        C.prune(tmp_path, **kwargs)
+    assert len(C.step_dirs(tmp_path)) == 2
+
+
+def test_path_arguments(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    for call in (
+        lambda: C.prune(f, keep=1),
+        lambda: C.clean(f),
+        lambda: C.load_checkpoint(f),
+        lambda: C.latest_checkpoint(f),
+        lambda: C.list_checkpoints(f),
+        lambda: C.model_checkpoint(f),
+        lambda: C.load_model_state(f),
+    ):
+        with pytest.raises(CheckpointError, match=r"file is a file, not a directory; pass a checkpoint directory"):
+            call()
+    with pytest.raises(CheckpointError, match=r"missing does not exist; pass a step-NNNNNNNN directory"):
+        C.load_checkpoint(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match=r"missing does not exist"):
+        C.model_checkpoint(tmp_path / "missing")
+    assert C.latest_checkpoint(tmp_path / "missing") is None and C.list_checkpoints(tmp_path / "missing") == []
+    assert C.clean(tmp_path / "missing") == [] and C.prune(tmp_path / "missing", keep=1) == []
+    for func in (C.prune, C.clean, C.load_checkpoint, C.latest_checkpoint, C.list_checkpoints, C.model_checkpoint,
+                 C.load_model_state, C.verify_checkpoint, C.is_checkpoint, C.step_dirs):  # fmt: skip
+        kw = {"keep": 1} if func is C.prune else {}
+        for bad in (None, 3, ""):
+            with pytest.raises(UsageError, match=r"(ckpt_dir|path) must be a directory path \(a non-empty str or os\.PathLike\)"):
+                func(bad, **kw)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda d: C.load_checkpoint(d / "step-00000001", groups="model"), r"groups must be None or a tuple of group names such as \('model',\), got 'model'"),
+        (lambda d: C.load_checkpoint(d / "step-00000001", groups=("Model",)), r"groups must name groups matching .*got \['Model'\]"),
+        (lambda d: C.latest_checkpoint(d, groups=3), r"groups must be None or a tuple"),
+        (lambda d: C.latest_checkpoint(d, skipped=()), r"skipped must be None or a list"),
+        (lambda d: C.latest_checkpoint(d, warn="yes"), r"warn must be True or False, got 'yes' \(str\)"),
+        (lambda d: C.list_checkpoints(d, verify=None), r"verify must be True or False"),
+        (lambda d: C.model_checkpoint(d, model=3), r"model must be None or a registry name"),
+        (lambda d: C.load_model_state(d, model=""), r"model must be None or a registry name"),
+    ],
+    ids=["groups-str", "groups-name", "latest-groups", "skipped", "warn", "verify", "model", "model-empty"],
+)
+def test_reader_bad_arguments(tmp_path: Path, call, match: str) -> None:  # noqa: ANN001
+    _save(tmp_path, 1)
+    with pytest.raises(UsageError, match=match):
+        call(tmp_path)
+
+
+def test_groups_as_list_and_subset(tmp_path: Path) -> None:
+    path = _save(tmp_path, 1)
+    ck = C.load_checkpoint(path, groups=["optimizer"])
+    assert set(ck.tensors) == {"optimizer"}
+    assert set(C.latest_checkpoint(tmp_path, groups=("model",)).tensors) == {"model"}

@@ -153,7 +153,7 @@ def test_export_parity_failure_exits_1(capsys, tmp_path: Path) -> None:
         (["export"], "UsageError: no model given"),
         (["export", "nope"], "UnknownModelError: unknown model 'nope'; known models:"),
         (["export", "mlp", "--opset", "5"], "UsageError: opset 5"),
-        (["export", "--all", "--checkpoint", "x.pt"], "UsageError: --checkpoint holds the state of one model"),
+        (["export", "--all", "--checkpoint", "x.pt"], "- --checkpoint holds the state of one model"),  # with: x.pt is missing
         (["export", "mlp", "--checkpoint", "missing.pt"], "UsageError: checkpoint 'missing.pt' does not exist"),
         (["export", "mlp", "--inputs", "missing.npz"], "UsageError: inputs file"),
         (["export", "mlp", "--dims", "seq=3"], "unknown dim 'seq'; model 'mlp' has dynamic dims: batch"),
@@ -223,6 +223,31 @@ def test_export_checkpoint_of_another_model_exits_2(capsys, tmp_path: Path) -> N
     _no_traceback(err)
 
 
+def test_json_error_carries_every_problem_while_the_message_is_capped(capsys, exported, tmp_path: Path) -> None:
+    d = tmp_path / "b"
+    shutil.copytree(exported.out / "mlp" / "torch", d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["test_data_sets"] = [{"dir": f"gone_{i:02d}", "case": f"c{i}", "dims": {}} for i in range(30)]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = run(capsys, "verify", str(d), "--json")
+    assert code == 2 and err.startswith("BundleError:") and "is incomplete" in err
+    _no_traceback(err)
+    assert "... and 10 more test" in err and "gone_29" not in err  # the message: 20 per category
+    data = json.loads(out)
+    assert data["ok"] is False and data["error"]["error"] == "BundleError" and data["error"]["exit_code"] == 2
+    problems = data["error"]["problems"]
+    assert len(problems) == 30 and "test data set gone_29 is missing" in problems  # JSON: all of them
+
+
+def test_export_collects_every_problem_of_the_request(capsys, tmp_path: Path) -> None:
+    code, out, err = run(capsys, "export", "mlp", "--opset", "5", "--inputs", str(tmp_path / "missing.npz"),
+                         "--out", str(tmp_path / "o"), "--json")  # fmt: skip
+    assert code == 2 and err.startswith("UsageError: the export request has 2 problems")
+    assert "opset 5" in err and "inputs file" in err
+    assert len(json.loads(out)["error"]["problems"]) == 2
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_with_user_inputs(capsys, tmp_path: Path) -> None:
     f = tmp_path / "inputs.npz"
     np.savez(f, x=np.full((3, 20), 0.5, np.float32))
@@ -252,7 +277,7 @@ def test_verify_out_directory_and_junit(capsys, exported, tmp_path: Path) -> Non
 
 
 def test_verify_perturbed_bundle_exits_1(capsys, exported, tmp_path: Path) -> None:
-    from exporter.bundle import sha256_file
+    from exporter.hashing import sha256_file
     from test_export import _perturb_one_weight
 
     d = tmp_path / "b"
@@ -269,7 +294,7 @@ def test_verify_perturbed_bundle_exits_1(capsys, exported, tmp_path: Path) -> No
 
 def test_verify_bad_input_exits_2(capsys, tmp_path: Path) -> None:
     code, _, err = run(capsys, "verify", str(tmp_path))
-    assert code == 2 and err.startswith("UsageError:") and "no exporter bundle" in err
+    assert code == 2 and err.startswith("BundleError:") and "no exporter bundle" in err
     _no_traceback(err)
     code, _, err = run(capsys, "verify", str(tmp_path), "--runtime", "tensorflow")
     assert code == 2 and "invalid choice" in err
@@ -327,9 +352,11 @@ def test_train_then_export_checkpoint(capsys, tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "o" / "mlp" / "torch" / "manifest.json").read_text())
     assert manifest["checkpoint"]["format"] == "exporter-checkpoint"
     assert manifest["checkpoint"]["path"] == str((ckpt / "step-00000002").resolve())  # the step actually used
-    from exporter import state
+    from exporter.hashing import sha256_file
 
-    assert manifest["checkpoint"]["sha256"] == state.sha256_path(ckpt / "step-00000002")
+    # a training checkpoint is identified by the sha256 of the used step's manifest.json
+    # (which holds the sha256 of every file of the step)
+    assert manifest["checkpoint"]["sha256"] == sha256_file(ckpt / "step-00000002" / "manifest.json")
     # same shapes, other model name: refused, naming both models
     code, _, err = run(capsys, "export", "transformer", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o2"))
     assert code == 2 and "trained for model 'mlp', not 'transformer'" in err, err

@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from exporter import onnx_export
-from exporter.errors import ParityError, UsageError
+from exporter.errors import ExportError, ParityError, UsageError
 from exporter.models import registry
 
 MODELS = registry.names()
@@ -56,6 +56,12 @@ def test_every_model_exports_and_passes_the_sweep(exported, model: str, framewor
         dims = [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
         assert dims == list(t.shape)
     assert [o.name for o in m.graph.output] == list(spec.outputs)
+    # the manifest's output dims are those of the graph just written
+    from exporter.testdata import value_dims
+
+    manifest = json.loads((r.path / "manifest.json").read_text())
+    assert [o["shape"] for o in manifest["outputs"]] == [value_dims(o) for o in m.graph.output]
+    assert manifest["outputs"][0]["shape"][0] == "batch"
 
 
 @pytest.mark.parametrize(("model", "framework"), PAIRS, ids=[f"{m}-{f}" for m, f in PAIRS])
@@ -117,7 +123,7 @@ def _perturb_one_weight(onnx_path: Path, delta: float = 1e-3) -> str:
 @pytest.mark.parametrize(("model", "framework"), PAIRS, ids=[f"{m}-{f}" for m, f in PAIRS])
 def test_negative_control_perturbed_weight_fails(exported, tmp_path: Path, model: str, framework: str) -> None:
     import exporter
-    from exporter.bundle import sha256_file
+    from exporter.hashing import sha256_file
 
     src = _result(exported, model, framework).path
     bundle = tmp_path / "bundle"
@@ -240,7 +246,7 @@ def test_batch_baked_into_a_reshape_is_caught_by_the_sweep(baked_model: str, tmp
     spec = registry.get("baked")
     module = spec.torch_factory().eval()
     res = onnx_export.export_torch(spec, module, tmp_path / "model.onnx", dynamo=False)
-    assert res.input_shapes["x"][0] == "batch" and not res.warnings  # looks dynamic from outside
+    assert res.input_dims["x"][0] == "batch" and not res.warnings  # looks dynamic from outside
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
     assert "Reshape" in {n.op_type for n in graph.node}
     report = parity.check(
@@ -297,7 +303,7 @@ def test_torchscript_fallback_is_recorded(tmp_path: Path) -> None:
     assert res.exporter == "torch.onnx.torchscript" and res.fallback_reason
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
     assert props["exporter.fallback_reason"] == res.fallback_reason
-    assert res.input_shapes["x"] == ["batch", 20]
+    assert res.input_dims["x"] == ["batch", 20] and res.output_dims["y"] == ["batch", 10]
 
 
 def test_exporter_chatter_is_captured(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -338,3 +344,32 @@ def test_onnxscript_matchers_do_not_keep_the_exported_graph(tmp_path: Path) -> N
     assert not held
     matchers = [o for o in gc.get_objects() if issubclass(type(o), _matcher.SimplePatternMatcher)]
     assert matchers, "onnxscript no longer has SimplePatternMatcher objects: re-check whether the workaround is still needed"
+
+
+# --------------------------------------------------------------------------- honest errors
+@pytest.mark.parametrize("error", [AssertionError, TypeError])
+def test_a_bug_of_ours_in_export_torch_is_not_a_fallback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, error: type) -> None:
+    """Only torch.onnx.export's own failure falls back to TorchScript; our code failing propagates."""
+    spec = registry.get("mlp")
+
+    def broken(spec, torch):
+        raise error("bug in building dynamic_shapes")
+
+    monkeypatch.setattr(onnx_export, "_dynamic_shapes", broken)
+    with pytest.raises(error, match="bug in building dynamic_shapes"):
+        onnx_export.export_torch(spec, spec.torch_factory(), tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_an_export_onnxruntime_cannot_load_is_an_export_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import exporter
+    from exporter.errors import RunError
+    from exporter.runtimes import onnxruntime as ort_adapter
+
+    def refuse(self, path, **kwargs):
+        raise RunError(f"runtime 'onnxruntime': cannot load {path}: InvalidGraph")
+
+    monkeypatch.setattr(ort_adapter.OnnxRuntime, "__init__", refuse)
+    with pytest.raises(ExportError, match="onnxruntime cannot load the model.onnx that torch.onnx.dynamo just wrote"):
+        exporter.export("mlp", framework="torch", batch_sizes=(1,), out=tmp_path)
+    assert not (tmp_path / "mlp" / "torch").exists()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from exporter import layouts
-from exporter.errors import StateMismatchError
+from exporter.errors import StateMismatchError, UsageError
 from exporter.layouts import Attention, BatchNorm, Conv, Dense, Embedding, LayerNorm, PackedAttention
 
 E, H, D = 8, 2, 4  # embed, heads, head dim
@@ -129,9 +129,9 @@ def test_packed_attention_equals_split_attention() -> None:
 
 def test_attention_rule_matches_flax_multihead_attention() -> None:
     """Separate torch q/k/v/out Linears (HF BERT style) computed by hand == flax MHDPA."""
-    torch = pytest.importorskip("torch")
-    jnp = pytest.importorskip("jax.numpy")
-    nn = pytest.importorskip("flax.linen")
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import torch
 
     rule = RULE_CASES["attention"][0]
     canon = _random_state(RULE_CASES["attention"][1], seed=1)
@@ -175,14 +175,63 @@ def test_from_flax_names_missing_flax_keys() -> None:
 
 
 def test_attention_heads_must_divide_width() -> None:
-    with pytest.raises(ValueError, match="not divisible by 3 heads"):
+    with pytest.raises(UsageError, match="projection width 8 is not divisible by 3 heads; set the rule's heads="):
         layouts.to_flax_flat(_random_state(RULE_CASES["attention"][1]), [Attention("", "x", query="s.query", key="s.key",
                                                                                    value="s.value", out="o.dense", heads=3)])
 
 
-def test_overlapping_rules_are_a_bug() -> None:
-    with pytest.raises(AssertionError):
+def test_packed_attention_rows_must_split_in_three() -> None:
+    state = {"attn.in_proj_weight": np.zeros((8, 4), np.float32), "attn.out_proj.weight": np.zeros((4, 4), np.float32)}
+    with pytest.raises(UsageError, match="in_proj_weight has 8 rows, not divisible by 3"):
+        layouts.to_flax_flat(state, [PackedAttention("attn", "attn", heads=2, bias=False)])
+
+
+def test_overlapping_rules_are_a_usage_error() -> None:
+    with pytest.raises(UsageError, match=r"canonical name 'a.weight' is owned by two rules: Dense\(torch='a', flax='a'") as info:
         layouts.canonical_names([Dense("a", "a"), Dense("a", "b")])
+    assert "canonical name 'a.bias' is owned by two rules" in str(info.value)
+    assert len(info.value.problems) == 2
+    with pytest.raises(UsageError, match="flax key 'params/x/kernel' is owned by two rules"):
+        layouts.flax_names([Dense("a", "x"), Dense("b", "x")])
+    with pytest.raises(UsageError, match="layout entry 1 is not an exporter.layouts.Rule: tuple"):
+        layouts.canonical_names([Dense("a", "a"), ("b", "b")])  # type: ignore[list-item]
+    assert layouts.rule_problems([Dense("a", "a"), LayerNorm("ln", "ln")]) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda: Dense(3, "fc"), "torch must be a str module path such as 'encoder.layer.0', got int 3"),
+        (lambda: Dense("fc", None), "flax must be a str module path such as 'encoder/layer_0', got NoneType None"),
+        (lambda: Dense("a..b", "fc"), "torch path 'a..b' has an empty part or whitespace"),
+        (lambda: Dense(".fc", "fc"), "torch path '.fc' has an empty part"),
+        (lambda: Conv("c", "enc//c"), "flax path 'enc//c' has an empty part"),
+        (lambda: LayerNorm("ln ", "ln"), "torch path 'ln ' has an empty part or whitespace"),
+        (lambda: Embedding("emb", "emb/"), "flax path 'emb/' has an empty part"),
+        (lambda: Dense("fc", "fc", bias="yes"), "bias must be True or False, got 'yes'"),
+        (lambda: Attention("a", "a", heads=0), r"heads must be an int >= 1, got 0"),
+        (lambda: Attention("a", "a", heads=2.0), r"heads must be an int >= 1, got 2.0"),
+        (lambda: Attention("a", "a", heads=True), r"heads must be an int >= 1, got True"),
+        (lambda: Attention("", "a", query="s..q", heads=2), "query path 's..q' has an empty part"),
+        (lambda: PackedAttention("a", "a", heads=-1), r"heads must be an int >= 1, got -1"),
+    ],
+)
+def test_bad_rule_is_a_usage_error(make, fragment: str) -> None:  # noqa: ANN001
+    with pytest.raises(UsageError, match="bad layout rule") as info:
+        make()
+    assert fragment in str(info.value)
+
+
+def test_bad_rule_lists_every_problem() -> None:
+    with pytest.raises(UsageError) as info:
+        Attention("a..b", 7, heads=0, bias=None)  # type: ignore[arg-type]
+    assert sorted(p.split(" ", 1)[0] for p in info.value.problems) == ["bias", "flax", "heads", "torch"]
+
+
+def test_root_paths_name_a_single_layer_model() -> None:
+    """``""`` is the model's root: a model that is one Linear has keys ``weight`` / ``params/kernel``."""
+    assert layouts.canonical_names([Dense("", "")]) == ["bias", "weight"]
+    assert layouts.flax_names([Dense("", "")]) == ["params/bias", "params/kernel"]
 
 
 def test_flatten_unflatten_round_trip_and_frozendict() -> None:
@@ -192,7 +241,8 @@ def test_flatten_unflatten_round_trip_and_frozendict() -> None:
     assert sorted(flat) == ["batch_stats/b/mean", "params/a/bias", "params/a/kernel", "params/b/scale"]
     back = layouts.unflatten_flax(flat)
     assert layouts.flatten_flax(back).keys() == flat.keys()
-    core = pytest.importorskip("flax.core")
+    from flax import core
+
     frozen = core.freeze(tree)
     assert sorted(layouts.flatten_flax(frozen)) == sorted(flat)
 

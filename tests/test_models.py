@@ -10,9 +10,8 @@ import pytest
 
 from exporter import layouts, rebuild
 from exporter.models import registry
-
-pytest.importorskip("torch")
-pytest.importorskip("flax")
+from exporter.runtimes.jax import JaxRuntime
+from exporter.runtimes.torch import TorchRuntime
 
 NAMES = registry.names()
 
@@ -98,8 +97,8 @@ def test_torch_and_flax_agree_within_tolerance(name: str, built: dict[str, dict[
             # Tiny-variance inputs: a LayerNorm epsilon that differs between builds
             # (torch 1e-5, flax default 1e-6) only shows up here.
             inputs = {k: v * 0.01 if v.dtype.kind == "f" else v for k, v in inputs.items()}
-        t = rebuild.run_torch(spec, b["torch"], inputs)
-        f = rebuild.run_flax(spec, b["flax"], inputs)
+        t = TorchRuntime.from_module(spec, b["torch"]).run(inputs)
+        f = JaxRuntime.from_variables(spec, b["flax"]).run(inputs)
         assert list(t) == list(f) == list(spec.outputs)
         for out in spec.outputs:
             assert t[out].shape == f[out].shape, (dims, out)
@@ -136,8 +135,8 @@ def test_torch_rebuild_gives_bit_identical_outputs(name: str) -> None:
     rebuilt = rebuild.torch_module(spec, state)
     assert not rebuilt.training
     inputs = spec.example_inputs(seed=2)
-    a = rebuild.run_torch(spec, original, inputs)
-    b = rebuild.run_torch(spec, rebuilt, inputs)
+    a = TorchRuntime.from_module(spec, original).run(inputs)
+    b = TorchRuntime.from_module(spec, rebuilt).run(inputs)
     for out in spec.outputs:
         assert a[out].tobytes() == b[out].tobytes(), out
 
@@ -153,8 +152,8 @@ def test_flax_rebuild_from_flax_init_gives_bit_identical_outputs(name: str) -> N
     canonical = rebuild.canonical_from_flax(spec, variables)
     rebuilt = rebuild.flax_variables(spec, canonical)
     inputs = spec.example_inputs(seed=3)
-    a = rebuild.run_flax(spec, variables, inputs)
-    b = rebuild.run_flax(spec, rebuilt, inputs)
+    a = JaxRuntime.from_variables(spec, variables).run(inputs)
+    b = JaxRuntime.from_variables(spec, rebuilt).run(inputs)
     for out in spec.outputs:
         assert a[out].tobytes() == b[out].tobytes(), out
 
@@ -193,7 +192,7 @@ def test_batchnorm_statistics_matter() -> None:
     state = rebuild.init_state(spec, seed=0)
     changed = {**state, "bn2.running_var": state["bn2.running_var"] * 4}
     x = spec.example_inputs(seed=0)
-    for run, build in ((rebuild.run_torch, rebuild.torch_module), (rebuild.run_flax, rebuild.flax_variables)):
-        y0 = run(spec, build(spec, state), x)["y"]
-        y1 = run(spec, build(spec, changed), x)["y"]
+    for runtime in (TorchRuntime, JaxRuntime):
+        y0 = runtime(spec, state).run(x)["y"]
+        y1 = runtime(spec, changed).run(x)["y"]
         assert np.abs(y0 - y1).max() > 1e-3

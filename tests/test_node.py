@@ -19,7 +19,7 @@ import pytest
 from conftest import skip_unless_ci
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.errors import MissingDependencyError, UsageError
+from exporter.errors import MissingDependencyError, RunError, UsageError
 from exporter.runtimes import node as node_rt
 
 W = np.arange(6, dtype=np.float32).reshape(3, 2) / 7.0
@@ -178,7 +178,7 @@ def test_model_node_cannot_load(node_ok: dict[str, str], tmp_path: Path) -> None
     model.graph.node[0].op_type = "NoSuchOp"
     bad = tmp_path / "bad.onnx"
     onnx.save(model, bad)
-    with pytest.raises(UsageError, match="cannot load"):
+    with pytest.raises(RunError, match="cannot load"):
         node_rt.NodeRuntime(bad)
 
 
@@ -343,7 +343,8 @@ def test_js_verify_bad_usage_exits_2(node_ok: dict[str, str], tmp_path: Path) ->
 
 # --------------------------------------------------------------------------- Python verify (same rules as the other runtimes)
 def test_python_verify_with_node_runtime(node_ok: dict[str, str], tmp_path: Path) -> None:
-    bundle_mod = pytest.importorskip("exporter.bundle")
+    from exporter import bundle as bundle_mod
+
     bundle = _bundle(tmp_path / "b")
     report = bundle_mod.verify(bundle, runtime="node")
     assert report.ok and report.candidate == "node", report.failures()
@@ -357,7 +358,8 @@ def test_python_verify_with_node_runtime(node_ok: dict[str, str], tmp_path: Path
 
 
 def test_cli_verify_runtime_node_exit_codes(node_ok: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cli = pytest.importorskip("exporter.cli")
+    from exporter import cli
+
     bundle = _bundle(tmp_path / "b")
     assert cli.main(["verify", str(bundle), "--runtime", "node"]) == 0
     _perturb(bundle, 2, "y", 1e-3)

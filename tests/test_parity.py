@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from exporter import parity
-from exporter.errors import ParityError, UsageError
+from exporter.errors import ParityError, RunError, UsageError
 from exporter.parity import OutputCheck, ParityReport, compare, relative_floor
 from exporter.models.registry import DEFAULT_TOLERANCES, ModelSpec, TensorSpec, Tolerance
 from exporter.runtimes.base import IOSpec, Runtime
@@ -224,7 +224,7 @@ def _faulty(batch: int, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if batch == 2:
         out["count"] = out["count"] + 1
     if batch == 64:
-        raise RuntimeError("Reshape: the input tensor cannot be reshaped to the requested shape {2,3}\n(baked)")
+        raise RunError("Reshape: the input tensor cannot be reshaped to the requested shape {2,3}\n(baked)")
     return out
 
 
@@ -260,7 +260,7 @@ def test_check_is_strict_and_lists_every_failure_sorted(failing: ParityReport) -
         "out @ batch=64,seq=4",
     ]
     assert "2/2 elements out of tolerance" in lines[0] and "tolerance atol=0 rtol=0 (int64)" in lines[0]
-    assert "onnxruntime failed to run: RuntimeError: Reshape: the input tensor cannot be reshaped" in lines[1]
+    assert "onnxruntime failed to run: Reshape: the input tensor cannot be reshaped" in lines[1]
     assert "max_abs 0.01" in lines[2] and "21/21 elements out of tolerance" in lines[2]
     assert "tolerance atol=0.0001 rtol=0.001 (float32)" in lines[2]  # the spec's per-output override
     with pytest.raises(ParityError, match="parity failed for model 'fake'") as info:
@@ -384,7 +384,7 @@ def test_check_catches_a_batch_size_baked_in() -> None:
 
     def baked(batch: int, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if batch != 2:
-            raise RuntimeError(f"Reshape: cannot reshape {batch}x3 to 2x3")
+            raise RunError(f"Reshape: cannot reshape {batch}x3 to 2x3")
         return out
 
     report = parity.check(SPEC, NumpyRuntime(), NumpyRuntime(baked))
@@ -428,3 +428,45 @@ def test_user_inputs_from_npz(tmp_path: Path) -> None:
         parity.load_inputs(pickled)
     with pytest.raises(UsageError, match="does not exist"):
         parity.load_inputs(tmp_path / "nope.npz")
+
+
+# ---------------------------------------------------------------------------------------
+# honest failures: only a candidate's RunError is a verdict
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_bug_in_the_candidate_propagates() -> None:
+    def bug(batch: int, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise TypeError("unsupported operand type(s)")  # our own code failing, not the runtime
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        parity.check(SPEC, NumpyRuntime(), NumpyRuntime(bug), cases=[{"batch": 2}])
+
+
+def test_a_failing_reference_is_not_a_parity_failure() -> None:
+    def broken(batch: int, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise RunError("torch failed at batch 2")
+
+    with pytest.raises(RunError, match="torch failed"):
+        parity.check(SPEC, NumpyRuntime(broken, name="torch"), NumpyRuntime(), cases=[{"batch": 2}])
+
+
+def test_recorded_tolerances_are_the_base_and_overrides_win() -> None:
+    recorded = {"per_output": {"out": Tolerance(1e-3, 1e-2)}, "defaults": {"float32": Tolerance(2e-5, 2e-4)}}
+    tol = parity.tolerance_for(None, recorded=recorded)
+    assert tol("out", "float32") == Tolerance(1e-3, 1e-2)
+    assert tol("other", "float32") == Tolerance(2e-5, 2e-4)  # recorded per-dtype
+    assert tol("other", "float16") == DEFAULT_TOLERANCES["float16"]  # nothing recorded: the defaults
+    assert parity.tolerance_for(None, atol=0.5, recorded=recorded)("out", "float32") == Tolerance(0.5, 1e-2)
+    with pytest.raises(UsageError, match="no tolerance known for output 'z' of dtype 'complex64'"):
+        tol("z", "complex64")
+    assert parity.tolerance_for(None, atol=0.0, rtol=0.0)("z", "complex64") == Tolerance(0.0, 0.0)
+
+
+def test_a_candidate_that_fixed_a_dim_fails_the_other_sizes() -> None:
+    """An export whose declared input has a static batch (e.g. torch.export specialised it)."""
+    static = NumpyRuntime()
+    static.inputs = tuple(IOSpec(i.name, i.dtype, (2, *i.shape[1:])) for i in static.inputs)
+    report = parity.check(SPEC, NumpyRuntime(), static, cases=[{"batch": 1}, {"batch": 2}])
+    assert {c.case for c in report.failed_checks()} == {"batch=1,seq=4"}
+    assert all("numpy failed to run: the inputs do not fit it" in c.reason for c in report.failed_checks())

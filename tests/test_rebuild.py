@@ -1,4 +1,4 @@
-"""prepare_state (prefixes, renames, flax layout, mismatch reports), rebuild and run helpers."""
+"""prepare_state (prefixes, renames, flax layout, mismatch reports) and the torch / flax rebuilds."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,8 @@ from exporter.errors import MissingDependencyError, StateMismatchError, UsageErr
 from exporter.layouts import Dense
 from exporter.models import registry
 from exporter.models.registry import ModelSpec, TensorSpec
+from exporter.runtimes.torch import TorchRuntime
 
-pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
@@ -189,33 +189,50 @@ def test_torch_module_refuses_a_state_that_does_not_fit(mlp: ModelSpec, mlp_stat
 
 
 def test_flax_variables_refuses_a_state_that_does_not_fit(mlp: ModelSpec, mlp_state: dict[str, np.ndarray]) -> None:
-    pytest.importorskip("flax")
     with pytest.raises(StateMismatchError, match="missing canonical key 'output.bias'"):
         rebuild.flax_variables(mlp, {k: v for k, v in mlp_state.items() if k != "output.bias"})
 
 
 def test_run_checks_input_names(mlp: ModelSpec, mlp_state: dict[str, np.ndarray]) -> None:
-    module = rebuild.torch_module(mlp, mlp_state)
+    runtime = TorchRuntime.from_module(mlp, rebuild.torch_module(mlp, mlp_state))
     with pytest.raises(UsageError, match="missing input 'x'") as info:
-        rebuild.run_torch(mlp, module, {"z": np.zeros((1, 20), np.float32)})
+        runtime.run({"z": np.zeros((1, 20), np.float32)})
     assert "unexpected input 'z'" in str(info.value)
 
 
-def test_framework_checks(mlp: ModelSpec) -> None:
-    with pytest.raises(UsageError, match="unknown framework 'tf'"):
+def test_framework_checks(mlp: ModelSpec, mlp_state: dict[str, np.ndarray]) -> None:
+    with pytest.raises(UsageError, match="unknown framework 'tf'; expected 'torch' or 'flax'"):
         rebuild.init_state(mlp, framework="tf")
-    with pytest.raises(UsageError, match="has no flax build"):
+    with pytest.raises(UsageError, match="model 'wrapped' has no flax build"):
         rebuild.init_state(WRAPPED, framework="flax")
+    with pytest.raises(UsageError, match="model 'wrapped' has no flax build"):
+        rebuild.flax_variables(WRAPPED, {})
+    flax_only = ModelSpec(
+        name="flax_only", summary="test only", inputs=mlp.inputs, outputs=mlp.outputs, layout=mlp.layout,
+        flax_factory=mlp.flax_factory, frameworks=("flax",),
+    )
+    with pytest.raises(UsageError, match="model 'flax_only' has no torch build"):
+        rebuild.torch_module(flax_only, mlp_state)
 
 
 def test_missing_torch_names_the_extra(monkeypatch: pytest.MonkeyPatch, mlp: ModelSpec) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
-    with pytest.raises(MissingDependencyError, match=r"pip install 'exporter\[torch\]'"):
+    with pytest.raises(MissingDependencyError, match=r"rebuilding model 'mlp' in torch needs 'torch'.*pip install 'exporter\[torch\]'"):
         rebuild.torch_module(mlp, {})
+    with pytest.raises(MissingDependencyError, match=r"pip install 'exporter\[torch\]'"):
+        rebuild.init_state(mlp, framework="torch")
+
+
+@pytest.mark.parametrize("blocked", ["jax", "flax"])
+def test_missing_jax_or_flax_names_the_extra(monkeypatch: pytest.MonkeyPatch, mlp: ModelSpec, blocked: str) -> None:
+    monkeypatch.setitem(sys.modules, blocked, None)
+    with pytest.raises(MissingDependencyError, match=rf"needs '{blocked}'.*pip install 'exporter\[jax\]'"):
+        rebuild.flax_variables(mlp, {})
+    with pytest.raises(MissingDependencyError, match=r"pip install 'exporter\[jax\]'"):
+        rebuild.init_state(mlp, framework="flax")
 
 
 def test_expected_state_falls_back_to_flax_without_torch(monkeypatch: pytest.MonkeyPatch, mlp: ModelSpec) -> None:
-    pytest.importorskip("flax")
     rebuild._EXPECTED_CACHE.clear()
     monkeypatch.setitem(sys.modules, "torch", None)
     try:
@@ -230,4 +247,14 @@ def test_prefix_strip_and_flax_round_trip_give_identical_outputs(mlp: ModelSpec,
     state, _ = rebuild.prepare_state(mlp, {"module." + k: v.copy() for k, v in mlp_state.items()})
     rebuilt = rebuild.torch_module(mlp, state)
     x = mlp.example_inputs({"batch": 5}, seed=9)
-    assert rebuild.run_torch(mlp, original, x)["y"].tobytes() == rebuild.run_torch(mlp, rebuilt, x)["y"].tobytes()
+    a = TorchRuntime.from_module(mlp, original).run(x)["y"]
+    assert a.tobytes() == TorchRuntime.from_module(mlp, rebuilt).run(x)["y"].tobytes()
+
+
+def test_a_model_without_builds_has_no_expected_state() -> None:
+    numpy_only = ModelSpec(
+        name="numpy_only", summary="test only", inputs=(TensorSpec("x", ("batch", 3)),), outputs=("y",), layout=(),
+        frameworks=(),
+    )
+    with pytest.raises(UsageError, match="model 'numpy_only' has neither a torch nor a flax build"):
+        rebuild.expected_state(numpy_only)

@@ -19,7 +19,7 @@ import pytest
 from conftest import skip_unless_ci
 
 from exporter import parity
-from exporter.errors import ExporterError, MissingDependencyError, UsageError
+from exporter.errors import ExporterError, MissingDependencyError, RunError, UsageError
 from exporter.models import registry
 from exporter.runtimes.base import RUNTIMES, IOSpec, Runtime, check_arrays, load_runtime, runtime_class
 
@@ -87,10 +87,10 @@ class _Session:
     def expected(self, name: str, case: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The torch build's outputs: what every adapter must match."""
         if (name, case) not in self._expected:
-            from exporter.rebuild import run_torch, torch_module
+            from exporter.runtimes.torch import TorchRuntime
 
             spec = registry.get(name)
-            self._expected[(name, case)] = run_torch(spec, torch_module(spec, self.state(name)), inputs)
+            self._expected[(name, case)] = TorchRuntime(spec, self.state(name)).run(inputs)
         return self._expected[(name, case)]
 
 
@@ -229,6 +229,176 @@ def test_outputs_must_be_named_as_declared() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# framework adapters: what a user's build returns, and a forward that fails
+# ---------------------------------------------------------------------------------------
+
+_RETURNS = {
+    "two-values": lambda y: (y, y),
+    "wrong-keys": lambda y: {"z": y},
+    "not-an-array": lambda y: None,
+    "raises": None,
+}
+
+
+def _odd_torch(mode: str) -> Any:
+    import torch
+
+    class Odd(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x: Any) -> Any:
+            if mode == "raises":
+                raise ValueError("shapes do not\nmatch")
+            return _RETURNS[mode](self.lin(x))
+
+    return Odd()
+
+
+def _odd_flax(mode: str) -> Any:
+    import flax.linen as nn
+
+    class Odd(nn.Module):
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            y = nn.Dense(2, name="lin")(x)
+            if mode == "raises":
+                raise ValueError("shapes do not\nmatch")
+            return _RETURNS[mode](y)
+
+    return Odd()
+
+
+def _odd_spec(mode: str) -> registry.ModelSpec:
+    from exporter import layouts
+
+    return registry.ModelSpec(
+        name=f"odd-{mode}",
+        summary="test only",
+        inputs=(registry.TensorSpec("x", ("batch", 3)),),
+        outputs=("y",),
+        layout=(layouts.Dense("lin", "lin"),),
+        torch_factory=lambda: _odd_torch(mode),
+        flax_factory=lambda: _odd_flax(mode),
+    )
+
+
+def _framework_runtime(adapter: str, spec: registry.ModelSpec) -> Runtime:
+    from exporter.rebuild import init_state
+
+    if adapter == "torch":
+        from exporter.runtimes.torch import TorchRuntime
+
+        return TorchRuntime.from_module(spec, spec.torch_factory())
+    from exporter.runtimes.jax import JaxRuntime
+
+    return JaxRuntime(spec, init_state(_odd_spec("two-values"), framework="flax"))
+
+
+@pytest.mark.parametrize("adapter", ["torch", "jax"])
+@pytest.mark.parametrize(
+    ("mode", "returned"),
+    [
+        ("two-values", r"a tuple of 2 values, but the spec declares outputs \['y'\]"),
+        ("wrong-keys", r"a dict with keys \['z'\], but the spec declares outputs \['y'\]"),
+        ("not-an-array", r"non-array outputs \('y' is a NoneType\)"),
+    ],
+)
+def test_build_returning_other_outputs_is_a_usage_error(adapter: str, mode: str, returned: str) -> None:
+    rt = _framework_runtime(adapter, _odd_spec(mode))
+    with pytest.raises(UsageError, match=rf"model 'odd-{mode}': its (torch|flax) build returned {returned}"):
+        rt.run({"x": np.ones((2, 3), np.float32)})
+
+
+@pytest.mark.parametrize("adapter", ["torch", "jax"])
+def test_forward_that_raises_is_a_run_error(adapter: str) -> None:
+    rt = _framework_runtime(adapter, _odd_spec("raises"))
+    where = rf"runtime '{adapter}' \(model 'odd-raises', \w+ build\)"
+    with pytest.raises(RunError, match=rf"{where}: failed to run: ValueError: shapes do not match") as info:
+        rt.run({"x": np.ones((2, 3), np.float32)})
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_framework_adapters_need_the_build() -> None:
+    from exporter.runtimes.jax import JaxRuntime
+    from exporter.runtimes.torch import TorchRuntime
+
+    spec = _odd_spec("two-values")
+    torch_only = registry.ModelSpec(
+        name="torch-only", summary="test only", inputs=spec.inputs, outputs=spec.outputs, layout=spec.layout,
+        torch_factory=spec.torch_factory, frameworks=("torch",),
+    )
+    with pytest.raises(UsageError, match="model 'torch-only' has no flax build"):
+        JaxRuntime.from_variables(torch_only, {})
+    flax_only = registry.ModelSpec(
+        name="flax-only", summary="test only", inputs=spec.inputs, outputs=spec.outputs, layout=spec.layout,
+        flax_factory=spec.flax_factory, frameworks=("flax",),
+    )
+    with pytest.raises(UsageError, match="model 'flax-only' has no torch build"):
+        TorchRuntime.from_module(flax_only, spec.torch_factory())
+
+
+@pytest.mark.parametrize("adapter", ["torch", "jax"])
+def test_read_only_inputs_are_accepted(artifacts: _Session, adapter: str) -> None:
+    spec = registry.get("mlp")
+    x = spec.example_inputs({"batch": 3}, seed=1)
+    frozen = {k: v.copy() for k, v in x.items()}
+    for v in frozen.values():
+        v.flags.writeable = False
+    rt = artifacts.runtime(adapter, "mlp")
+    np.testing.assert_array_equal(rt.run(frozen)["y"], rt.run(x)["y"])
+
+
+def _reshape_to_2(path: Path) -> Path:
+    """y = Reshape(x, [2, 3]): a model that only runs at batch 2 (the export-baked-a-size bug)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "baked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.array([2, 3], np.int64), "shape")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+@pytest.mark.parametrize("adapter", ONNX_ADAPTERS)
+def test_runtime_failing_to_run_is_a_run_error(artifacts: _Session, tmp_path: Path, adapter: str) -> None:
+    if adapter == "node":
+        try:
+            runtime_class("node")
+            from exporter.runtimes.node import check_available
+
+            check_available()
+        except MissingDependencyError as e:
+            skip_unless_ci(f"node runtime unavailable: {e}")
+    rt = load_runtime(adapter, _reshape_to_2(tmp_path / "baked.onnx"))
+    try:
+        assert rt.run({"x": np.ones((2, 3), np.float32)})["y"].shape == (2, 3)
+        with pytest.raises(RunError, match=rf"runtime '{adapter}' \(.*baked.onnx\): failed to run: ") as info:
+            rt.run({"x": np.ones((3, 3), np.float32)})
+        assert "\n" not in str(info.value)
+        if adapter != "node":
+            assert rt.run({"x": np.ones((2, 3), np.float32)})["y"].shape == (2, 3)  # still usable
+    finally:
+        rt.close()
+
+
+def test_adapter_bugs_propagate() -> None:
+    class Buggy(_Fake):
+        def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+            raise KeyError("our bug")
+
+    with pytest.raises(KeyError, match="our bug"):
+        Buggy((IOSpec("a", "float32", (2,)),), ("y",)).run({"a": np.zeros(2, np.float32)})
+
+
+# ---------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------
 
@@ -247,7 +417,7 @@ def test_load_runtime_errors(tmp_path: Path) -> None:
             load_runtime(name, tmp_path)
         bad = tmp_path / "bad.onnx"
         bad.write_bytes(b"\x08\x07garbage, not a protobuf")
-        with pytest.raises(UsageError, match=f"runtime '{name}': cannot load"):
+        with pytest.raises(RunError, match=f"runtime '{name}': cannot load"):
             load_runtime(name, bad)
 
 

@@ -9,7 +9,6 @@ import pickle
 import struct
 import subprocess
 import sys
-import types
 import zipfile
 from pathlib import Path
 
@@ -689,21 +688,24 @@ def test_arrays_errors(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- exporter checkpoints, laziness
-def test_exporter_checkpoint_is_delegated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ck = tmp_path / "run"
-    ck.mkdir()
-    (ck / "FAKE_MANIFEST").write_text("{}")
-    fake = types.ModuleType("exporter.checkpoint")
-    fake.is_checkpoint = lambda p: (Path(p) / "FAKE_MANIFEST").exists()  # type: ignore[attr-defined]
-    fake.load_model_state = lambda p: {"hidden.weight": np.ones((2, 2), np.float32)}  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "exporter.checkpoint", fake)
-    assert S.sniff(ck) == "exporter-checkpoint"
-    assert S.load_state(ck)["hidden.weight"].shape == (2, 2)
-    assert S.inspect_state(ck).format == "exporter-checkpoint"
+def test_exporter_checkpoint_is_delegated(tmp_path: Path) -> None:
+    from exporter import checkpoint
 
-    broken = types.ModuleType("exporter.checkpoint")  # not written yet: no API -> not recognised
-    monkeypatch.setitem(sys.modules, "exporter.checkpoint", broken)
-    bad(ck, "not a checkpoint directory")
+    model = {"hidden.weight": sample("float32", (2, 2)), "hidden.bias": sample("int64", (2,))}
+    checkpoint.save_checkpoint(
+        tmp_path / "run", 3, model="mlp", framework="torch", tensors={"model": model, "optimizer": {"m": np.ones(2)}}, state={}
+    )
+    for path in (tmp_path / "run", tmp_path / "run" / "step-00000003"):
+        assert S.sniff(path) == "exporter-checkpoint"
+        assert_bit_exact(S.load_state(path), model)  # the model group only
+        info = S.inspect_state(path)
+        assert info.format == "exporter-checkpoint" and info.path == str(tmp_path / "run" / "step-00000003")
+        assert [t.name for t in info.tensors] == ["hidden.bias", "hidden.weight"]
+    (tmp_path / "run" / "step-00000003" / "manifest.json").write_text("{}")
+    bad(tmp_path / "run" / "step-00000003", "not a checkpoint directory")  # no exporter manifest: not recognised
+    (tmp_path / "run" / "step-00000003" / "manifest.json").write_text('{"format": "exporter-checkpoint"}')
+    with pytest.raises(StateFileError, match="corrupt or incomplete"):
+        S.load_state(tmp_path / "run" / "step-00000003")
 
 
 @pytest.mark.parametrize(

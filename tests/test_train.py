@@ -20,9 +20,8 @@ import pytest
 
 from exporter import checkpoint as C
 from exporter.errors import CheckpointError, UsageError
+from exporter.lock import lock_dir
 from exporter.training import TrainResult, train
-
-pytest.importorskip("safetensors")
 
 
 def _final_hashes(step_dir: Path) -> dict[str, str]:
@@ -87,11 +86,6 @@ FLAX_CRASHES = [
 def test_sigkill_and_resume_is_bit_exact(
     tmp_path: Path, framework: str, steps: int, crashes: list[tuple[str, list[str]]]
 ) -> None:
-    if framework == "torch":
-        pytest.importorskip("torch")
-    else:
-        pytest.importorskip("jax")
-        pytest.importorskip("optax")
     args = ["--steps", str(steps), "--every", "2", "--keep", "2", "--framework", framework, "--seed", "3"]
     cache = tmp_path / "xla-cache"
     crashed = tmp_path / "crashed"
@@ -132,7 +126,6 @@ def test_sigkill_and_resume_is_bit_exact(
 @pytest.mark.parametrize("framework", ["torch", "flax"])
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_in_process_resume_is_bit_exact(tmp_path: Path, model: str, framework: str) -> None:
-    pytest.importorskip("torch" if framework == "torch" else "optax")
     kw = dict(framework=framework, batch_size=4, dataset_size=8, keep=1)  # 2 steps per epoch
     whole = train(model, tmp_path / "whole", 5, every=1, **kw)
     # Stop in the middle of the second epoch, so the resume needs the saved permutation, and
@@ -155,7 +148,6 @@ def test_in_process_resume_is_bit_exact(tmp_path: Path, model: str, framework: s
 
 
 def test_result_and_nothing_to_do(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     r = train("mlp", tmp_path, 2, every=5, keep=1)
     assert isinstance(r, TrainResult) and r and r.final_step == 2
     assert [Path(p).name for p in r.checkpoints] == ["step-00000002"]  # the last step is always saved
@@ -167,7 +159,6 @@ def test_result_and_nothing_to_do(tmp_path: Path) -> None:
 
 
 def test_resume_picks_newest_valid_and_warns(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     train("mlp", tmp_path, 4, every=2, keep=3)
     (tmp_path / "step-00000004" / "manifest.json").unlink()  # partial newest
     with pytest.warns(C.CheckpointWarning, match=r"step-00000004: manifest\.json is missing.*resuming from step-00000002"):
@@ -179,7 +170,6 @@ def test_resume_picks_newest_valid_and_warns(tmp_path: Path) -> None:
 
 
 def test_directory_of_another_model(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     train("mlp", tmp_path, 1, every=1, keep=1)
     with pytest.raises(CheckpointError, match=r"checkpoints of model 'mlp'.*not of model 'cnn'"):
         train("cnn", tmp_path, 2, every=1, keep=1)
@@ -191,7 +181,6 @@ def test_directory_of_another_model(tmp_path: Path) -> None:
 
 
 def test_architecture_changed_under_the_same_name(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     m = C.load_model_state  # a checkpoint whose model part does not fit the current mlp
     C.save_checkpoint(
         tmp_path,
@@ -207,7 +196,6 @@ def test_architecture_changed_under_the_same_name(tmp_path: Path) -> None:
 
 
 def test_full_disk_keeps_previous_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("torch")
     import shutil
 
     train("mlp", tmp_path, 2, every=2, keep=1)
@@ -222,7 +210,7 @@ def test_full_disk_keeps_previous_and_resumes(tmp_path: Path, monkeypatch: pytes
 
 
 def test_lock_refuses_a_second_run(tmp_path: Path) -> None:
-    with C.lock_dir(tmp_path):
+    with lock_dir(tmp_path):
         with pytest.raises(CheckpointError, match="another training run is using"):
             train("mlp", tmp_path, 1)
 
@@ -241,3 +229,74 @@ def test_cli_usage_error_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["train", "nope", "--ckpt-dir", str(tmp_path), "--steps", "1"]) == 2
     assert "UnknownModelError: unknown model 'nope'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_train_into_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "ck"
+    f.write_text("x")
+    with pytest.raises(CheckpointError, match=r"checkpoint directory .*ck is a file"):
+        train("mlp", f, 1)
+    assert f.read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"steps": -1}, r"steps must be an integer >= 0 .*got -1 \(int\)"),
+        ({"steps": 2.5}, r"steps must be an integer >= 0"),
+        ({"steps": True}, r"steps must be an integer >= 0"),
+        ({"every": 0}, r"every must be an integer >= 1"),
+        ({"keep": None}, r"keep must be an integer >= 1"),
+        ({"keep_every": 0}, r"keep_every must be None or an integer >= 1"),
+        ({"keep_every": "5"}, r"keep_every must be None or an integer >= 1"),
+        ({"framework": None}, r"framework must be one of torch, flax, got None"),
+        ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*32\)"),
+        ({"seed": 2**32}, r"seed must be an integer in \[0, 2\*\*32\)"),
+        ({"seed": 1.0}, r"seed must be an integer"),
+        ({"batch_size": 0}, r"batch_size must be an integer >= 1"),
+        ({"batch_size": 16, "dataset_size": 8}, r"dataset_size must be an integer >= batch_size \(16\), got 8"),
+        ({"dataset_size": "64"}, r"dataset_size must be an integer >= batch_size"),
+        ({"lr": 0}, r"lr must be a finite number > 0"),
+        ({"lr": float("nan")}, r"lr must be a finite number > 0"),
+        ({"lr": "1e-3"}, r"lr must be a finite number > 0"),
+        ({"on_step": 3}, r"on_step must be None or a callable"),
+        ({"ckpt_dir": None}, r"ckpt_dir must be a directory path"),
+        ({"ckpt_dir": ""}, r"ckpt_dir must be a directory path"),
+        ({"model": 3}, r"model must be a registry name or a ModelSpec, got 3 \(int\)"),
+    ],
+)
+def test_train_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
+    args = {"model": "mlp", "ckpt_dir": tmp_path / "ck", "steps": 2, **kwargs}
+    with pytest.raises(UsageError, match=match):
+        train(args.pop("model"), args.pop("ckpt_dir"), args.pop("steps"), **args)
+    assert not any(tmp_path.iterdir())
+
+
+def test_model_without_the_build_or_with_wrong_outputs(tmp_path: Path) -> None:
+    import dataclasses
+
+    from exporter.models import registry
+
+    mlp = registry.get("mlp")
+    torch_only = dataclasses.replace(mlp, name="mlp_torch_only", frameworks=("torch",))
+    with pytest.raises(UsageError, match=r"model 'mlp_torch_only' has no flax build \(it has: torch\)"):
+        train(torch_only, tmp_path / "a", 1, framework="flax")
+    assert not any(tmp_path.iterdir())
+    two = dataclasses.replace(mlp, name="mlp_two_outputs", outputs=("y", "z"))
+    for framework in ("torch", "flax"):
+        with pytest.raises(UsageError, match=rf"its {framework} build returns 1 output\(s\), but the ModelSpec names 2 \(y, z\)"):
+            train(two, tmp_path / framework, 1, framework=framework)
+        assert C.step_dirs(tmp_path / framework) == []
+
+
+def test_flax_architecture_changed_under_the_same_name(tmp_path: Path) -> None:
+    config = {"seed": 0, "batch_size": 8, "dataset_size": 64, "lr": 1e-3, "gamma": 0.999, "weight_decay": 0.01}
+    C.save_checkpoint(
+        tmp_path, 1, model="mlp", framework="flax", state={"config": config},
+        tensors={"model": {"hidden.weight": np.zeros((3, 20), np.float32), "extra.bias": np.zeros(3, np.float32)}},
+    )  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit(.|\n)*hidden\.weight: checkpoint has float32\[3, 20\](.|\n)*missing key 'output\.bias'(.|\n)*unexpected key 'extra\.bias'",
+    ):
+        train("mlp", tmp_path, 2, framework="flax")
