@@ -394,11 +394,44 @@ def _per_call(fn: Callable[[], Any], n: int) -> float:
 
 
 @case
+def _p4_variants(
+    spec: Any, module: Any, path: Path, out: Path, names: list[str], threads: int,
+    runners: dict[str, Callable[[dict[str, Any]], Any]], pairs: dict[str, tuple[str, str]],
+) -> dict[str, Any]:
+    """Make each variant of the torch export (judged against torch eager on the default
+    sweep, as ``export --variants`` does) and add its onnxruntime session to the runners:
+    pairs ``torch.<variant>`` (vs torch eager) and ``torch.<variant>.vs_fp32``."""
+    from exporter import parity, variants
+    from exporter.runtimes.onnxruntime import OnnxRuntime
+    from exporter.runtimes.torch import TorchRuntime
+
+    if not names:
+        return {}
+    runs = parity.plan_runs(spec)
+    reference = TorchRuntime.from_module(spec, module)
+    expected = [reference.run(feed) for _label, _dims, feed in runs]
+    info: dict[str, Any] = {}
+    for v in names:
+        res = variants.apply(v, spec, path, out / f"torch-{v}" / "model.onnx", runs=runs, expected=expected,
+                             framework="torch", threads=threads or 1)  # fmt: skip
+        info[v] = {"status": res.status, "reason": res.reason, "failures": res.failures(),
+                   "metrics": None if res.metrics is None else res.metrics.to_dict(),
+                   "details": None if res.info is None else {k: res.info.details.get(k) for k in ("excluded", "model_bytes", "fusions")}}  # fmt: skip
+        if res.path is None or res.parity is None:  # skipped, or no model onnxruntime can open
+            continue
+        key = f"onnxruntime (torch export, {v})"
+        runners[key] = lambda x, s=OnnxRuntime(res.path, intra_op_threads=threads or None)._session: s.run(None, x)
+        pairs[f"torch.{v}"] = (key, "torch eager")
+        pairs[f"torch.{v}.vs_fp32"] = (key, "onnxruntime (torch export)")
+    return info
+
+
 def p4_model(p: dict[str, Any]) -> dict[str, Any]:
     """Latency of one registry model: onnxruntime (our export + session settings) vs torch eager / jax.jit.
 
     Params: model, dir (where the exports go / are reused), threads (1, or 0 = each
-    runtime's default), batches, rounds, budget (seconds per timed block), frameworks.
+    runtime's default), batches, rounds, budget (seconds per timed block), frameworks,
+    variants (of the torch export: ``exporter.variants`` names, timed beside it).
     Rounds are interleaved: in each round every (batch, runtime) pair runs one block,
     with a short pause between blocks so idle worker threads of the previous runtime are
     asleep.
@@ -446,6 +479,7 @@ def p4_model(p: dict[str, Any]) -> dict[str, Any]:
         runners["torch eager"] = torch_eager
         runners["onnxruntime (torch export)"] = lambda x, s=sess_t: s.run(None, x)
         pairs["torch"] = ("onnxruntime (torch export)", "torch eager")
+        variant_info = _p4_variants(spec, module, path, out, p.get("variants", []), threads, runners, pairs)
     if "flax" in frameworks:
         variables = rebuild.flax_variables(spec, canonical)
         path = out / "flax" / "model.onnx"
@@ -470,6 +504,8 @@ def p4_model(p: dict[str, Any]) -> dict[str, Any]:
     rounds = int(p.get("rounds", 5))
     budget = float(p.get("budget", 0.1))
     result: dict[str, Any] = {"settings": settings, "pairs": pairs, "latency": {}}
+    if "torch" in frameworks:
+        result["variants"] = variant_info
     inputs = {b: spec.example_inputs({"batch": b}, seed=0) for b in p.get("batches", [1, 32])}
     calls = {}  # warm-up (jit compiles, first-run allocations) and block sizes
     for b, x in inputs.items():

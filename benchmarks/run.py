@@ -12,6 +12,7 @@ median and spread reported):
     P4  onnxruntime latency, batch 1 and 32        vs  torch eager, jax.jit            <= 1.0x
     P5  training checkpoint save (fsync) / load    vs  raw write+fsync / raw read      >= 0.8x
     P6  export of a >= 2.5 GB model (external data) peak RSS vs model bytes            <= 2.0x
+    P7  export from a 2-rank sharded DCP checkpoint peak RSS vs model bytes           <= 1.3x
 
 Writes ``results.json`` and ``results.md`` (atomically) into ``--out`` (default: this
 directory) and prints which targets are met.  ``--quick`` uses small sizes and fewer
@@ -49,6 +50,7 @@ GROUPS: dict[str, str] = {
     "P4": "benchmarks.p4_latency",
     "P5": "benchmarks.p5_checkpoint",
     "P6": "benchmarks.p6_large_export",
+    "P7": "benchmarks.p7_sharded_export",
 }
 TITLES = {
     "P1": "CLI start-up",
@@ -57,6 +59,7 @@ TITLES = {
     "P4": "onnxruntime latency of the exports",
     "P5": "training checkpoint save and load",
     "P6": "export of a >= 2.5 GB model",
+    "P7": "export from a sharded DCP checkpoint",
 }
 NOISY_LOAD = 1.5
 RESULTS_FORMAT = "exporter-benchmarks"

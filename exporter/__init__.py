@@ -6,6 +6,7 @@ The Python API has the command line's operations under the same names::
     exporter.list_models()
     report = exporter.export("mlp", out="out")        # bool(report) is the verdict
     exporter.verify("out/mlp/torch")                   # needs only onnx + onnxruntime
+    exporter.explain("out/mlp/torch")                  # which module broke (rebuilds the framework model)
     exporter.convert("ckpt.pt", "ckpt.safetensors")
     exporter.train("mlp", "ckpts", 100, every=10)
     exporter.load_state("ckpt.safetensors")
@@ -43,6 +44,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "export": ("exporter.api", "export"),
     "verify": ("exporter.api", "verify"),
     "verify_all": ("exporter.api", "verify_all"),
+    "explain": ("exporter.api", "explain"),
     "convert": ("exporter.api", "convert"),
     "train": ("exporter.api", "train"),
     "ExportReport": ("exporter.api", "ExportReport"),
@@ -51,6 +53,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "ModelInfo": ("exporter.api", "ModelInfo"),
     "BundleResult": ("exporter.bundle", "BundleResult"),
     "ParityReport": ("exporter.parity", "ParityReport"),
+    "ExplainReport": ("exporter.divergence", "ExplainReport"),
     "load_state": ("exporter.state", "load_state"),
     "save_state": ("exporter.state", "save_state"),
     "inspect_state": ("exporter.state", "inspect_state"),

@@ -29,9 +29,11 @@ from exporter.errors import ExporterError, StateMismatchError, UnknownModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.bundle import BundleResult
+    from exporter.divergence import ExplainReport
     from exporter.models.registry import ModelSpec
     from exporter.parity import ParityReport
     from exporter.plan import ExportPlan, StateSource
+    from exporter.zoo import ZooReport
 
 __all__ = [
     "FRAMEWORKS",
@@ -45,8 +47,10 @@ __all__ = [
     "inspect",
     "plan_export",
     "export",
+    "explain",
     "verify",
     "verify_all",
+    "report",
     "convert",
     "train",
 ]
@@ -67,6 +71,9 @@ class ModelInfo:
     outputs: tuple[str, ...]
     dims: dict[str, int]
     tolerances: dict[str, dict[str, float]]
+    family: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    config_fields: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,12 +84,40 @@ class ModelInfo:
             "outputs": list(self.outputs),
             "dims": dict(self.dims),
             "tolerances": {k: dict(v) for k, v in self.tolerances.items()},
+            "family": self.family,
+            "config": dict(self.config),
+            "config_fields": [dict(f) for f in self.config_fields],
         }
 
+    def family_line(self) -> str | None:
+        """``"gpt2: vocab_size*, n_positions*, ..., activation_function=gelu_new (* required)"``
+        for a family entry (sized by a config), else None."""
+        if not self.config_fields:
+            return None
+        shown = [f"{f['name']}*" if f["required"] else f"{f['name']}={json.dumps(f['default'])}" for f in self.config_fields]
+        return f"{self.name}: {', '.join(shown)}"
+
     def signature(self) -> str:
-        """``"x: float32[batch, 20] -> y"``."""
-        ins = ", ".join(f"{i['name']}: {i['dtype']}[{', '.join(map(str, i['shape']))}]" for i in self.inputs)
-        return f"{ins} -> {', '.join(self.outputs)}"
+        """``"x: float32[batch, 20] -> y"``; per-layer names are folded
+        (``past_key_values.<i>.key: float32[...] (i=0..11)``)."""
+        ins = _fold([(i["name"], f": {i['dtype']}[{', '.join(map(str, i['shape']))}]") for i in self.inputs])
+        return f"{', '.join(ins)} -> {', '.join(_fold([(o, '') for o in self.outputs]))}"
+
+
+def _fold(entries: list[tuple[str, str]]) -> list[str]:
+    """Names that differ only in a ``.<number>.`` part (and have the same type) as one entry."""
+    import re
+
+    groups: dict[tuple[str, str], list[int]] = {}
+    for name, typ in entries:
+        m = re.search(r"\.(\d+)\.", name)
+        key = (name[: m.start()] + ".<i>." + name[m.end():], typ) if m else (name, typ)
+        groups.setdefault(key, []).append(int(m.group(1)) if m else -1)
+    out = []
+    for (name, typ), idx in groups.items():
+        many = len(idx) > 1 and idx == list(range(idx[0], idx[0] + len(idx)))
+        out.append(f"{name}{typ} (i={idx[0]}..{idx[-1]})" if many else f"{name.replace('.<i>.', f'.{idx[0]}.')}{typ}")
+    return out
 
 
 def list_models() -> list[ModelInfo]:
@@ -90,11 +125,12 @@ def list_models() -> list[ModelInfo]:
 
     Imports neither torch nor jax.
     """
-    from exporter.models import registry
+    from exporter.models import family, registry
 
     out = []
     for spec in registry.specs():
         tols = {o: spec.tolerance(o, "float32").to_dict() for o in spec.outputs}
+        fam = family.get_family(spec.name) if family.is_family(spec.name) else None
         out.append(
             ModelInfo(
                 name=spec.name,
@@ -104,6 +140,9 @@ def list_models() -> list[ModelInfo]:
                 outputs=tuple(spec.outputs),
                 dims=dict(spec.dims),
                 tolerances=tols,
+                family=getattr(spec, "family", None) or None,
+                config=dict(getattr(spec, "config", {}) or {}),
+                config_fields=tuple(f.to_dict() for f in fam.fields) if fam is not None else (),
             )
         )
     return out
@@ -111,13 +150,21 @@ def list_models() -> list[ModelInfo]:
 
 # --------------------------------------------------------------------------- inspect
 def inspect(path: str | os.PathLike[str]) -> Any:
-    """Format, tensors (name, dtype, shape, bytes), total bytes and sha256 of a saved state.
+    """Describe a model or a saved state.
 
-    Same as ``exporter.state.inspect_state``.
+    A bundle, a model-zoo directory or an ``.onnx`` file: provenance, verdict, inputs and
+    outputs with dims, opset and size (``exporter.modelinfo.inspect_model``).  Anything
+    else is a saved state: format, tensors (name, dtype, shape, bytes), total bytes and
+    sha256 (``exporter.state.inspect_state``).  Both results have ``lines()`` and ``to_dict()``.
 
     Raises:
-        StateFileError: the file cannot be read.
+        StateFileError: the state file cannot be read.
+        BundleError: an unreadable model, manifest or parity.json.
     """
+    from exporter.modelinfo import inspect_model, is_model_path
+
+    if is_model_path(path):
+        return inspect_model(path)
     from exporter.state import inspect_state
 
     return inspect_state(path)
@@ -166,7 +213,9 @@ class ExportReport:
     """Every bundle an ``export`` call wrote, and every (model, framework) that failed.
 
     ``bool(report)`` is True only when something was exported, nothing failed to export,
-    and every bundle passed its parity sweep.
+    and every bundle passed its parity sweep (variants included: a skipped one is no
+    failure).  ``to_dict()["results"]`` lists every bundle with its ``variant`` (``"fp32"``
+    for the plain export, each variant's result right after its plain bundle).
     """
 
     out: Path
@@ -191,6 +240,8 @@ class ExportReport:
         lines = [e.line() for e in self.errors]
         for r in self.results:
             lines += [f"{r.model} ({r.framework}): {f}" for f in r.parity.failures()]
+            for v in r.variants:
+                lines += [f"{r.model} ({r.framework}, {v.variant}): {f}" for f in v.failures()]
         return lines
 
     def summary(self) -> str:
@@ -199,6 +250,10 @@ class ExportReport:
         parts = [f"{passed} passed", f"{failed} failed parity"]
         if self.errors:
             parts.append(f"{len(self.errors)} could not be exported")
+        made = [v for r in self.results for v in r.variants]
+        if made:
+            count = {s: sum(v.status == s for v in made) for s in ("pass", "fail", "skipped")}
+            parts.append(f"variants: {count['pass']} passed, {count['fail']} failed, {count['skipped']} skipped")
         n = len(self.results) + len(self.errors)
         return f"{'PASS' if self.ok else 'FAIL'}: {n} bundle{'' if n == 1 else 's'} under {self.out}: " + ", ".join(parts)
 
@@ -213,7 +268,7 @@ class ExportReport:
         return {
             "ok": self.ok,
             "out": str(self.out),
-            "results": [r.to_dict() for r in self.results],
+            "results": [d for r in self.results for d in (r.to_dict(), *(v.to_dict() for v in r.variants))],
             "errors": [e.to_dict() for e in self.errors],
         }
 
@@ -223,17 +278,23 @@ class ExportReport:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ExportReport:
         """Inverse of :meth:`to_dict` (e.g. ``export --json`` output read back)."""
-        from exporter.bundle import BundleResult
+        from dataclasses import replace
 
-        return cls(
-            out=Path(d["out"]),
-            results=tuple(BundleResult.from_dict(r) for r in d["results"]),
-            errors=tuple(ExportFailure.from_dict(e) for e in d["errors"]),
-        )
+        from exporter.bundle import BundleResult
+        from exporter.variants import VariantResult
+
+        results: list[BundleResult] = []
+        for r in d["results"]:
+            if r.get("variant", "fp32") == "fp32":
+                results.append(BundleResult.from_dict(r))
+            else:  # a variant: listed right after its plain bundle
+                results[-1] = replace(results[-1], variants=results[-1].variants + (VariantResult.from_dict(r),))
+        return cls(out=Path(d["out"]), results=tuple(results), errors=tuple(ExportFailure.from_dict(e) for e in d["errors"]))
 
     def to_junit_xml(self) -> str:
         """One ``<testsuites>`` holding every bundle's parity suite and a suite of export errors."""
-        return merge_junit([r.parity for r in self.results], self.errors)
+        reports = [p for r in self.results for p in (r.parity, *(v.parity for v in r.variants if v.parity is not None))]
+        return merge_junit(reports, self.errors)
 
 
 def merge_junit(reports: Sequence[ParityReport], errors: Sequence[ExportFailure] = ()) -> str:
@@ -330,6 +391,9 @@ def plan_export(
     seed: int = 0,
     external_data: bool | None = None,
     intra_op_threads: int | None = None,
+    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    variants: str | Sequence[str] | None = None,
+    variant_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[ExportPlan]:
     """Validate an export request and plan it: one :class:`~exporter.plan.ExportPlan` per model.
 
@@ -350,6 +414,15 @@ def plan_export(
         errors.append(e)
     if checkpoint is not None and len(specs) > 1:
         errors.append(UsageError("--checkpoint holds the state of one model; export one model with it, not several"))
+    if config is not None and len(specs) > 1:
+        errors.append(UsageError("--config sizes one model family; export one model with it, not several"))
+    chosen_variants: tuple[str, ...] = ()
+    try:
+        from exporter import variants as _variants
+
+        chosen_variants = _variants.check(variants, variant_options)
+    except UsageError as e:
+        errors.append(e)
     if opset is not None:
         try:
             onnx_export.check_opset(opset)
@@ -380,6 +453,7 @@ def plan_export(
     plans: list[ExportPlan] = []
     for spec in specs:
         try:
+            spec, config_record, weights = _family_config(spec, checkpoint, config, len(specs))
             if framework == "all":
                 fws = tuple(f for f in FRAMEWORKS if f in spec.frameworks)
             elif several:  # several models: each from the requested build, where it has one
@@ -410,12 +484,39 @@ def plan_export(
                     external_data=external_data,
                     intra_op_threads=intra_op_threads,
                     out=Path(out),
-                    checkpoint=None if checkpoint is None else Path(checkpoint),
+                    checkpoint=weights if weights is not None else None if checkpoint is None else Path(checkpoint),
                     rename=tuple((str(a), str(b)) for a, b in rename),
+                    config=config_record,
+                    variants=chosen_variants,
+                    variant_options={k: dict(v) for k, v in (variant_options or {}).items()},
                 )
             )
     _raise_collected(errors)
     return plans
+
+
+def _family_config(
+    spec: ModelSpec, checkpoint: str | os.PathLike[str] | None, config: Any, n_models: int
+) -> tuple[ModelSpec, dict[str, Any] | None, Path | None]:
+    """A family's spec sized by its config (``config``, else ``config.json`` beside the
+    checkpoint, else the family's default), the record the manifest keeps, and, for a
+    Hugging Face model directory given as the checkpoint, its weights file; other models
+    as they are (a model that is one config of a family, such as minilm, records that config).
+
+    Raises:
+        UsageError: ``config`` for a model that is not a family; an unreadable or invalid config.
+    """
+    from exporter.models import family
+
+    if family.is_family(spec.name):
+        fam = family.get_family(spec.name)
+        beside = checkpoint if checkpoint is not None and n_models == 1 and Path(checkpoint).exists() else None
+        resolved = fam.resolve(checkpoint=beside, config=config)
+        return resolved.spec, resolved.record(), None if beside is None else family.hf_weights(beside)
+    if config is not None:
+        names = ", ".join(f.name for f in family.families())
+        raise UsageError(f"--config sizes a model family ({names}); model {spec.name!r} is not one (its size is fixed)")
+    return spec, family.config_record(spec), None
 
 
 @contextlib.contextmanager
@@ -443,6 +544,8 @@ def _state_source(plan: ExportPlan) -> Iterator[StateSource]:
             )
         canonical, _ = rebuild.prepare_state(spec, loaded.arrays, strict=True, rename=plan.rename, source=str(loaded.path))
         provenance = {"seeded": False, "path": str(loaded.path.resolve()), "format": loaded.format, "sha256": loaded.sha256}
+        if plan.rename:  # so that `explain` can rebuild the model from the same file later
+            provenance["rename"] = [list(r) for r in plan.rename]
         source = StateSource(canonical, provenance, seconds=time.perf_counter() - t)
         # Only the source may hold the arrays (raw or canonical) while it is in use, so that
         # its release() really frees them: this suspended frame must not.
@@ -480,6 +583,10 @@ def export(
     external_data: bool | None = None,
     intra_op_threads: int | None = None,
     progress: Callable[[str], None] | None = None,
+    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    explain_failures: bool = True,
+    variants: str | Sequence[str] | None = None,
+    variant_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ExportReport:
     """Rebuild, export to ONNX and check parity; one bundle per (model, framework) under ``out``.
 
@@ -513,6 +620,16 @@ def export(
         intra_op_threads: onnxruntime threads (None = its default).
         progress: called with one line per bundle started/finished when more than one
             bundle is exported (the CLI prints them to stderr).
+        config: the config of a model family (``bert``, ``gpt2``, ``resnet``): a JSON file
+            (``--config``) or a mapping; default: ``config.json`` beside ``checkpoint``, else
+            the family's default config.  Recorded, with its sha256, in the manifest.
+        explain_failures: for a bundle that fails its sweep, run :func:`explain` (which
+            module broke) and add its report to the bundle's ``parity.json`` and the result.
+        variants: also make these variants of every bundle (``"optimized,fp16,int8"``, any
+            subset; default none), each its own bundle ``out/<model>/<framework>-<variant>``
+            judged against the framework's outputs (``exporter.variants``).
+        variant_options: variant -> options (``{"int8": {"mode": "static"}}``; see each
+            ``exporter.variants.<name>.DEFAULT_OPTIONS``).
 
     Returns:
         An :class:`ExportReport`; ``bool(report)`` is the verdict.
@@ -526,7 +643,8 @@ def export(
     plans = plan_export(
         model, all_models=all_models, checkpoint=checkpoint, framework=framework, out=out, opset=opset,
         batch_sizes=batch_sizes, dims=dims, rename=rename, atol=atol, rtol=rtol, inputs=inputs, seed=seed,
-        external_data=external_data, intra_op_threads=intra_op_threads,
+        external_data=external_data, intra_op_threads=intra_op_threads, config=config,
+        variants=variants, variant_options=variant_options,
     )  # fmt: skip
     total = sum(len(p.frameworks) for p in plans)
     single = total == 1
@@ -554,6 +672,8 @@ def export(
                             raise
                         failed(spec, [fw], e)
                         continue
+                    if not r.ok and explain_failures:
+                        r = _explain_failure(r, plan)
                     results.append(r)
                     say(f"[{k}/{total}] {spec.name} ({fw}): {'PASS' if r.ok else 'FAIL'} ({time.perf_counter() - t:.1f} s)")
         except ExporterError as e:  # the state itself: nothing of this model was exported
@@ -564,6 +684,81 @@ def export(
     return ExportReport(out=Path(out), results=tuple(results), errors=tuple(errors))
 
 
+def _explain_failure(r: BundleResult, plan: ExportPlan) -> BundleResult:
+    """:func:`explain` a bundle that failed its sweep: the report goes into its ``parity.json``
+    (key ``"explain"``) and into the result.  The explanation is extra: if it cannot be made,
+    the export's verdict stands and a warning says why."""
+    from dataclasses import replace
+
+    from exporter import bundle
+
+    try:
+        report = explain(r.path, rename=plan.rename, intra_op_threads=plan.intra_op_threads)
+    except ExporterError as e:
+        return replace(r, warnings=(*r.warnings, f"explain failed: {type(e).__name__}: {str(e).splitlines()[0]}"))
+    path = r.path / bundle.PARITY_JSON
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["explain"] = report.to_dict()
+    atomic.write_text(path, json.dumps(data, indent=2, allow_nan=False))
+    return replace(r, explain=report)
+
+
+# --------------------------------------------------------------------------- explain
+def explain(
+    bundle: str | os.PathLike[str],
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    runtime: str = "onnxruntime",
+    rename: Sequence[tuple[str, str]] = (),
+    cases: Sequence[str] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    relevant_only: bool = True,
+    intra_op_threads: int | None = None,
+) -> ExplainReport:
+    """Which module of a bundle's model broke: the first one whose ONNX output leaves tolerance.
+
+    Rebuilds the framework model from the bundle's state (``checkpoint`` or the path in the
+    manifest when the bundle holds none; its sha256 must match the manifest's), runs every
+    test data set with every submodule's output captured, and compares each with the
+    matching value of a copy of the ONNX graph (``exporter.divergence``).
+
+    Args:
+        bundle: the bundle directory ``OUT/<model>/<framework>``.
+        checkpoint: the state the bundle was exported from (default: the manifest's).
+        runtime: ``"onnxruntime"`` (the copy runs unoptimised, so every value exists) or
+            ``"reference"`` (``onnx.reference``).
+        rename: ``--rename`` rules of the export, for bundles whose manifest does not record them.
+        cases: labels of the test data sets to run (``"batch=2,seq=16"``); default: all.
+        atol, rtol: tolerance overrides (default: the manifest's).
+        relevant_only: compare only the elements that reach the outputs (default); False: all.
+        intra_op_threads: onnxruntime threads (None = its default).
+
+    Returns:
+        An :class:`exporter.divergence.ExplainReport`; ``bool(report)`` is True when no
+        module diverges and the outputs pass.
+
+    Raises:
+        BundleError: not a bundle / incomplete.
+        UsageError: several bundles, unknown runtime or case, no state to rebuild from.
+        UnknownModelError: the bundle's model is not registered (``--registry``).
+        StateMismatchError: the state's sha256 is not the manifest's.
+        StateFileError, MissingDependencyError: unreadable state / the framework is missing.
+    """
+    from exporter import bundle as _bundle
+    from exporter import divergence
+
+    found = _bundle.find_bundles(bundle)
+    if len(found) != 1:
+        raise UsageError(f"{str(bundle)!r} holds {len(found)} bundles; explain them one at a time")
+    root = found[0]
+    manifest = _bundle.read_manifest(root)
+    return divergence.explain_bundle(
+        root, manifest, recorded=_bundle.recorded_tolerances(manifest, root), checkpoint=checkpoint, runtime=runtime,
+        rename=rename, cases=cases, atol=atol, rtol=rtol, relevant_only=relevant_only, intra_op_threads=intra_op_threads,
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- verify
 def verify(
     bundle: str | os.PathLike[str],
@@ -572,15 +767,19 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     check_hashes: bool = True,
+    runtime_options: Mapping[str, Any] | None = None,
     **runtime_kwargs: Any,
 ) -> ParityReport:
     """Rerun a bundle's test data (``exporter.bundle.verify``); needs only onnx + the runtime.
 
     Args:
         bundle: the bundle directory ``OUT/<model>/<framework>``.
-        runtime: ``"onnxruntime"``, ``"reference"`` or ``"node"``.
+        runtime: a name in ``exporter.runtimes.base.RUNTIMES`` (``onnxruntime``, ``reference``,
+            ``node``, ``openvino``, ``browser``).
         atol, rtol: override the manifest's tolerances.
         check_hashes: fail when model.onnx's sha256 differs from the manifest's.
+        runtime_options: runtime options (``--runtime-option KEY=VALUE``), recorded in the
+            report's ``settings`` (``openvino``: ``{"INFERENCE_PRECISION_HINT": "f32"}``).
         **runtime_kwargs: passed to the runtime.
 
     Returns:
@@ -593,45 +792,57 @@ def verify(
     """
     from exporter import bundle as _bundle
 
-    return _bundle.verify(bundle, runtime, atol=atol, rtol=rtol, check_hashes=check_hashes, **runtime_kwargs)
+    return _bundle.verify(
+        bundle, runtime, atol=atol, rtol=rtol, check_hashes=check_hashes, options=runtime_options, **runtime_kwargs
+    )
 
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """Every bundle a ``verify_all`` call checked, with its ParityReport (``exporter verify``)."""
+    """Every bundle a ``verify_all`` call checked, with its ParityReport (``exporter verify``),
+    and every model-zoo directory (no manifest) with its ``exporter.zoo.ZooReport``."""
 
     bundles: tuple[Path, ...]
     reports: tuple[ParityReport, ...]
+    zoo: tuple[ZooReport, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return bool(self.reports) and all(r.ok for r in self.reports)
+        return bool(self.reports or self.zoo) and all(r.ok for r in self.reports) and all(z.ok for z in self.zoo)
 
     def __bool__(self) -> bool:
         return self.ok
 
     @property
     def exit_code(self) -> int:
-        """0 every bundle passes, 1 otherwise."""
+        """0 everything passes, 1 a failure, 2 a model-zoo directory the runtime could not load or run."""
+        if any(z.exit_code == 2 for z in self.zoo):
+            return 2
         return 0 if self.ok else 1
 
     def table(self) -> str:
-        """Per bundle: its path, its parity table and, when it fails, its failures."""
+        """Per bundle: its path, its parity table and, when it fails, its failures; per model-zoo
+        directory its summary, table and failures."""
         blocks = []
         for p, r in zip(self.bundles, self.reports):
             text = f"{p}\n{r.table()}"
             if not r.ok:
                 text += "\nfailures:" + "".join(f"\n  - {line}" for line in r.failures())
             blocks.append(text)
+        for z in self.zoo:
+            text = z.summary() + ("\n" + z.parity.table() if z.parity.checks else "")
+            if not z.ok:
+                text += "\nfailures:" + "".join(f"\n  - {line}" for line in z.failures())
+            blocks.append(text)
         return "\n".join(blocks)
 
     def to_dict(self) -> Any:
-        """One bundle: its report's dict; several: a list of them."""
-        dicts = [r.to_dict() for r in self.reports]
+        """One bundle: its report's dict; several: a list of them (model-zoo directories as zoo reports)."""
+        dicts = [r.to_dict() for r in self.reports] + [z.to_dict() for z in self.zoo]
         return dicts[0] if len(dicts) == 1 else dicts
 
     def to_junit_xml(self) -> str:
-        return merge_junit(self.reports)
+        return merge_junit([*self.reports, *(z.parity for z in self.zoo)])
 
 
 def verify_all(
@@ -641,21 +852,64 @@ def verify_all(
     atol: float | None = None,
     rtol: float | None = None,
     check_hashes: bool = True,
+    runtime_options: Mapping[str, Any] | None = None,
     **runtime_kwargs: Any,
 ) -> VerifyReport:
     """:func:`verify` every bundle at or below each path (an export's OUT directory holds several).
+
+    A path without exporter bundles that is (or holds) ONNX model-zoo directories
+    (``model.onnx`` + ``test_data_set_<k>/``, no manifest) is verified by
+    ``exporter.zoo.verify_dir`` with dtype-aware default tolerances.
 
     Raises:
         As :func:`verify`.
     """
     from exporter import bundle as _bundle
+    from exporter import zoo as _zoo
+    from exporter.errors import BundleError
 
     paths = [bundles] if isinstance(bundles, (str, os.PathLike)) else list(bundles)
-    found = list(dict.fromkeys(p for b in paths for p in _bundle.find_bundles(b)))
+    found: list[Path] = []
+    zoo_dirs: list[Path] = []
+    for b in paths:
+        if _zoo.is_zoo_dir(b):
+            zoo_dirs.append(Path(b))
+            continue
+        try:
+            found += _bundle.find_bundles(b)
+        except BundleError:
+            if not Path(b).is_dir():
+                raise
+            try:
+                zoo_dirs += _zoo.find_zoo_dirs(b)
+            except UsageError:
+                raise BundleError(
+                    f"{str(b)!r} holds no exporter bundle (manifest.json) and no model-zoo directory "
+                    "(model.onnx beside test_data_set_<k>/); pass OUT/<model>/<framework> written by `exporter export`"
+                ) from None
+    found = list(dict.fromkeys(found))
     reports = [
-        _bundle.verify(p, runtime, atol=atol, rtol=rtol, check_hashes=check_hashes, **runtime_kwargs) for p in found
+        _bundle.verify(p, runtime, atol=atol, rtol=rtol, check_hashes=check_hashes, options=runtime_options, **runtime_kwargs)
+        for p in found
     ]
-    return VerifyReport(bundles=tuple(found), reports=tuple(reports))
+    zoo_reports = [
+        _zoo.verify_dir(d, runtime, atol=atol, rtol=rtol, **({"options": dict(runtime_options)} if runtime_options else {}), **runtime_kwargs)
+        for d in dict.fromkeys(zoo_dirs)
+    ]
+    return VerifyReport(bundles=tuple(found), reports=tuple(reports), zoo=tuple(zoo_reports))
+
+
+# --------------------------------------------------------------------------- report
+def report(out_dir: str | os.PathLike[str], html: str | os.PathLike[str] | None = None) -> Any:
+    """The report over every bundle under ``out_dir`` (``exporter.report.report``); with ``html``
+    also the self-contained HTML file.  Returns an ``exporter.report.Report``.
+
+    Raises:
+        BundleError: no bundle under ``out_dir``, or unreadable bundle files.
+    """
+    from exporter.report import report as _report
+
+    return _report(out_dir, html=html)
 
 
 # --------------------------------------------------------------------------- convert
@@ -779,8 +1033,8 @@ def train(model: str, ckpt_dir: str | os.PathLike[str], steps: int, **kwargs: An
         model: registry name.
         ckpt_dir: checkpoint directory (resumed from when it holds a run).
         steps: total steps.
-        **kwargs: ``every``, ``keep``, ``keep_every``, ``framework``, ``seed``, ... (see
-            ``exporter.training.train``).
+        **kwargs: ``every``, ``keep``, ``keep_every``, ``framework``, ``seed``, ``nproc`` and
+            ``strategy`` (torch ranks), ``devices`` (flax devices), ... (see ``exporter.training.train``).
 
     Returns:
         The ``TrainResult``.

@@ -26,23 +26,25 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exporter import atomic, testdata
+from exporter import atomic, generation, testdata
 from exporter.errors import BundleError, ExportError, RunError, UsageError
 from exporter.hashing import sha256_file  # also reachable as bundle.sha256_file (tests/test_node.py uses it)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from exporter.divergence import ExplainReport
     from exporter.models.registry import ModelSpec, Tolerance
     from exporter.onnx_export import OnnxExport
     from exporter.parity import OutputCheck, ParityReport
     from exporter.plan import ExportPlan, StateSource
     from exporter.runtimes.base import Runtime
+    from exporter.variants import VariantResult
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -55,6 +57,7 @@ __all__ = [
     "verify",
     "read_manifest",
     "find_bundles",
+    "recorded_tolerances",
     "state_metadata",
 ]
 
@@ -100,6 +103,10 @@ class BundleResult:
         parity: the sweep's ParityReport (onnxruntime vs the original framework).
         seconds: wall time per phase (state, export, parity, total).
         warnings: export warnings (e.g. a dynamic dim fixed by the exporter).
+        explain: for a bundle that fails, which module broke (``exporter.divergence``).
+        variant: ``"fp32"``: the plain export (its variants are in ``variants``).
+        variants: the optimized / fp16 / int8 bundles made of it (``exporter.variants``);
+            ``to_dict`` leaves them out: ``ExportReport`` lists each as a result of its own.
     """
 
     model: str
@@ -114,10 +121,14 @@ class BundleResult:
     parity: ParityReport
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    explain: ExplainReport | None = None
+    variant: str = "fp32"
+    variants: tuple[VariantResult, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return self.parity.ok
+        """The plain export passes and no variant of it fails (a skipped one is no failure)."""
+        return self.parity.ok and all(v.ok for v in self.variants)
 
     def __bool__(self) -> bool:
         return self.ok
@@ -134,7 +145,8 @@ class BundleResult:
     def table(self) -> str:
         """The headline, export warnings and the parity table."""
         warn = "".join(f"\n  warning: {w}" for w in self.warnings)
-        return self.headline() + warn + "\n" + self.parity.table()
+        explained = "" if self.explain is None else "\n" + self.explain.table()
+        return self.headline() + warn + "\n" + self.parity.table() + explained + "".join(f"\n{v.table()}" for v in self.variants)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,12 +162,15 @@ class BundleResult:
             "checkpoint": dict(self.checkpoint),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "warnings": list(self.warnings),
+            "variant": self.variant,
             "parity": self.parity.to_dict(),
+            "explain": None if self.explain is None else self.explain.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BundleResult:
         """Inverse of :meth:`to_dict` (e.g. a result read back from ``export --json``)."""
+        from exporter.divergence import ExplainReport
         from exporter.parity import ParityReport
 
         return cls(
@@ -171,6 +186,7 @@ class BundleResult:
             parity=ParityReport.from_dict(d["parity"]),
             seconds={k: float(v) for k, v in d.get("seconds", {}).items()},
             warnings=tuple(d.get("warnings", ())),
+            explain=None if d.get("explain") is None else ExplainReport.from_dict(d["explain"]),
         )
 
 
@@ -313,6 +329,8 @@ def build(plan: ExportPlan, framework: str, source: StateSource, *, release: boo
         t = time.perf_counter()
         built, reference = _framework_model(spec, framework, source.canonical)
         expected = [reference.run(feed) for _label, _dims, feed in plan.runs]
+        # a decoder: the reference's greedy runs for generation parity (exporter.generation)
+        gen = generation.bundle_stage(spec, reference, plan.tolerance, plan.seed)
         seconds["reference"] = time.perf_counter() - t
         out_dtypes = {o: str(expected[0][o].dtype) for o in spec.outputs}
         per_output = {o: plan.tolerance(o, dt).to_dict() for o, dt in out_dtypes.items()}
@@ -354,6 +372,8 @@ def build(plan: ExportPlan, framework: str, source: StateSource, *, release: boo
             spec, plan.runs, expected, candidate, tolerance=plan.tolerance, reference=reference_name, seed=plan.seed,
             framework=framework,
         )  # fmt: skip
+        if gen is not None:
+            report = replace(report, checks=report.checks + tuple(gen.check(candidate).checks()))
         session = candidate.session_options()
         candidate.close()
         seconds["parity"] = time.perf_counter() - t
@@ -364,6 +384,11 @@ def build(plan: ExportPlan, framework: str, source: StateSource, *, release: boo
             name = f"{TEST_DATA_PREFIX}{k}"
             testdata.write_test_data(tmp / name, {t.name: feed[t.name] for t in spec.inputs}, {o: out[o] for o in spec.outputs})
             sets.append({"dir": name, "case": label, "dims": dict(dims)})
+        extra: dict[str, Any] = {}
+        if gen is not None:
+            extra[generation.MANIFEST_KEY] = gen.write(tmp)
+        if plan.config is not None:
+            extra["config"] = dict(plan.config)
         (tmp / PARITY_JSON).write_text(report.to_json(), encoding="utf-8")
         (tmp / PARITY_JUNIT).write_text(report.to_junit_xml(), encoding="utf-8")
         onnx_sha = sha256_file(onnx_path)
@@ -395,6 +420,8 @@ def build(plan: ExportPlan, framework: str, source: StateSource, *, release: boo
             "seed": plan.seed,
             "batch_sizes": plan.batch_sizes,
             "test_data_sets": sets,
+            "variant": "fp32",
+            **extra,
             "parity": {
                 "ok": report.ok,
                 "reference": report.reference,
@@ -409,6 +436,11 @@ def build(plan: ExportPlan, framework: str, source: StateSource, *, release: boo
             "created": _utc_now(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8")
+    made: tuple[VariantResult, ...] = ()
+    if plan.variants:  # judged against `expected`, the framework's outputs (exporter.variants.publish)
+        from exporter.variants.publish import build_variants
+
+        made = build_variants(plan, framework, final, expected, reference=reference_name)
     return BundleResult(
         model=spec.name,
         framework=framework,
@@ -422,6 +454,7 @@ def build(plan: ExportPlan, framework: str, source: StateSource, *, release: boo
         parity=report,
         seconds=seconds,
         warnings=exported.warnings,
+        variants=made,
     )
 
 
@@ -467,6 +500,9 @@ def _recorded_tolerances(manifest: Mapping[str, Any], root: Path) -> dict[str, d
     return out
 
 
+recorded_tolerances = _recorded_tolerances  # public for exporter.api.explain, which reads bundles too
+
+
 def verify(
     bundle: str | os.PathLike[str],
     runtime: str = "onnxruntime",
@@ -474,6 +510,7 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     check_hashes: bool = True,
+    options: Mapping[str, Any] | None = None,
     **runtime_kwargs: Any,
 ) -> ParityReport:
     """Rerun a bundle's test data in ``runtime`` and compare with the stored framework outputs.
@@ -487,10 +524,13 @@ def verify(
         runtime: ``"onnxruntime"`` (default), ``"reference"`` or ``"node"``.
         atol, rtol: tolerance overrides.
         check_hashes: compare file hashes with the manifest.
+        options: runtime options (CLI ``--runtime-option KEY=VALUE``), for runtimes that
+            take them (``openvino``: ``{"INFERENCE_PRECISION_HINT": "f32"}``).
         **runtime_kwargs: passed to the runtime (e.g. ``intra_op_threads=1``).
 
     Returns:
-        A ParityReport; ``bool(report)`` is the verdict.
+        A ParityReport; ``bool(report)`` is the verdict.  It records the runtime's settings
+        (``settings``) and, when checks fail, the runtime's own hints (``hints``).
 
     Raises:
         BundleError: not a bundle, missing files or test data, a malformed manifest.
@@ -498,7 +538,7 @@ def verify(
         MissingDependencyError: the runtime is not installed.
     """
     from exporter import parity
-    from exporter.runtimes.base import load_runtime
+    from exporter.runtimes.base import load_runtime, runtime_class
 
     d = find_bundles(bundle)
     if len(d) != 1:
@@ -536,12 +576,29 @@ def verify(
                     _integrity_check(f.name, f"sha256 {got[:16]}... differs from the manifest's {str(want)[:16]}...: the file changed after export")
                 )
 
+    if options:
+        import inspect
+
+        if "options" not in inspect.signature(runtime_class(runtime).__init__).parameters:
+            raise UsageError(f"runtime {runtime!r} takes no runtime options (got {dict(options)}); the openvino runtime does")
+        runtime_kwargs["options"] = dict(options)
     rt = load_runtime(runtime, str(onnx_file), **runtime_kwargs)
     try:
         for s in sets:
             inputs, expected = testdata.read_test_data(root / s["dir"])
             label = str(s.get("case") or s["dir"])
             checks += parity.run_and_compare(rt, inputs, expected, tol, case=label, dims=s.get("dims") or {})
+        replayed = generation.verify_bundle(root, manifest, rt, tol)
+        if replayed is not None:
+            checks += replayed.checks()
+        if manifest.get("variant") not in (None, "fp32"):  # task metrics decide (exporter.variants.publish)
+            from exporter.variants.publish import variant_checks
+
+            checks = variant_checks(root, manifest, rt, sets, checks) or checks
+        failed = [c for c in checks if not c.ok]
+        hints = tuple(rt.failure_hints(failed)) if failed else ()
+        session_options = getattr(rt, "session_options", None)
+        settings = dict(session_options()) if session_options is not None else {}
     finally:
         rt.close()
     return parity.ParityReport(
@@ -551,4 +608,6 @@ def verify(
         candidate=rt.name,
         checks=tuple(checks),
         seed=manifest.get("seed"),
+        hints=hints,
+        settings=settings,
     )

@@ -41,6 +41,28 @@ No pickle anywhere: tensors go to safetensors and everything else to JSON.  Nest
 RNG states are captured by :mod:`exporter.rng`, and :mod:`exporter.lock` keeps a second
 writer out of the directory.
 
+Sharded steps (``format_version`` 2, written by distributed training: :mod:`exporter.distributed`
+for torch DDP/FSDP ranks, :mod:`exporter.flax_mesh` for JAX devices) keep the same names and
+promises; the engines write the tensors and exporter adds the completion protocol::
+
+    step-00000020/
+      dcp/shard-0000K-....safetensors   layout "dcp": model + optimizer tensors, one file per rank
+                                        (torch.distributed.checkpoint, HuggingFaceStorageWriter:
+                                        safetensors with DCP's sharding info; no pickle)
+      model/, optimizer/                layout "orbax": orbax items of sharded jax arrays
+      rank-00000.json/.safetensors      per rank: RNG states and data position
+      state.json                        step, config, loss, optimizer param groups, scheduler, world size
+      manifest.json                     written last, by rank 0: size and sha256 of every file
+
+Every rank writes into the same temp directory (:func:`sharded_tmp`, a fixed ``.tmp-`` name),
+fsyncs and hashes its own files; the hashes are gathered to rank 0 (that gather is the
+barrier: it completes only when every rank has finished writing), which checks that every
+reported file is there, writes ``manifest.json`` last and publishes the step with one
+atomic rename (:func:`commit_sharded`).  A crash before the rename leaves a ``.tmp-``
+directory; after it, a complete step.  Loading checks every file's size and sha256 as for
+format 1; the tensors themselves are read by the engine (``Checkpoint.tensors`` holds the
+small per-rank files; :func:`model_checkpoint` consolidates the model group).
+
 Arguments of the wrong form (a negative step, ``keep=0``, a bad group name, a value that is
 not an array) raise :class:`~exporter.errors.UsageError`, listing every bad argument; a
 path that exists but is not a directory raises :class:`~exporter.errors.CheckpointError`.
@@ -51,7 +73,10 @@ SIGKILL itself at a named point, so tests can prove crash safety.  Points are
 ``commit:<step>`` (after the rename, before retention), ``prune:<step>`` (during the first
 retention removal: renamed to a ``.tmp-`` name, not yet deleted) and, in
 :mod:`exporter.training`, ``step:<n>`` (after training step ``n``, before its checkpoint).
-Never set it outside tests.
+In a distributed run every rank checks the points it passes (``ranks:<step>`` after its
+per-rank files, ``engine:<step>`` before the engine writes its shards, ``written:<step>``
+after they are written and hashed, before the gather); ``<point>@<rank>`` kills only
+that rank.  Never set it outside tests.
 """
 
 from __future__ import annotations
@@ -68,7 +93,7 @@ import signal
 import sys
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,11 +103,13 @@ import numpy as np
 
 from exporter import atomic
 from exporter.errors import CheckpointCorruptError, CheckpointError, ExporterError, StateMismatchError, UsageError
-from exporter.hashing import sha256_bytes, sha256_entries
+from exporter.hashing import sha256_bytes, sha256_entries, sha256_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
+    "SHARDED_FORMAT_VERSION",
+    "LAYOUTS",
     "MANIFEST",
     "STATE_JSON",
     "FRAMEWORKS",
@@ -103,17 +130,28 @@ __all__ = [
     "prune",
     "clean",
     "state_sha256",
+    "state_sha256_batches",
     "crash_point",
+    "sharded_tmp",
+    "rank_file",
+    "write_rank_files",
+    "hash_files",
+    "commit_sharded",
+    "load_sharded_state",
 ]
 
 CHECKPOINT_FORMAT = "exporter-checkpoint"
 FORMAT_VERSION = 1
+SHARDED_FORMAT_VERSION = 2
+#: Sharded step layouts: which engine wrote the tensors.
+LAYOUTS = ("dcp", "orbax")
 MANIFEST = "manifest.json"
 STATE_JSON = "state.json"
 FRAMEWORKS = ("torch", "flax")
 CRASH_ENV = "EXPORTER_TEST_CRASH_AT"
 
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
+_RANK_RE = re.compile(r"rank-(\d{5,})\.json")
 _GROUP_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # dtypes safetensors writes *and* reads back as numpy (bfloat16/float8 arrays from
 # ml_dtypes are written but cannot be loaded again).
@@ -130,9 +168,10 @@ class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (corrupt or partial) or a leftover was cleaned up."""
 
 
-def crash_point(point: str) -> None:
-    """Test-only: SIGKILL this process when ``EXPORTER_TEST_CRASH_AT`` equals ``point``."""
-    if os.environ.get(CRASH_ENV) == point:
+def crash_point(point: str, rank: int | None = None) -> None:
+    """Test-only: SIGKILL this process when ``EXPORTER_TEST_CRASH_AT`` is ``point`` (or ``point@rank``)."""
+    want = os.environ.get(CRASH_ENV)
+    if want is not None and (want == point or (rank is not None and want == f"{point}@{rank}")):
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -282,11 +321,18 @@ def _tensor_bytes(a: np.ndarray) -> memoryview:
 
 def state_sha256(state: Mapping[str, np.ndarray]) -> str:
     """One sha256 over a flat state dict: sorted names, each with dtype, shape and bytes."""
-    entries = []
-    for name in sorted(state):
-        a = np.asarray(state[name])
-        entries.append((f"{name}\0{a.dtype.str}\0{list(a.shape)}", sha256_bytes(_tensor_bytes(a))))
-    return sha256_entries(entries)
+    return state_sha256_batches([state])
+
+
+def state_sha256_batches(batches: Iterable[Mapping[str, np.ndarray]]) -> str:
+    """:func:`state_sha256` of the union of ``batches`` (disjoint names), holding one batch at a time."""
+    entries: dict[str, tuple[str, str]] = {}
+    for batch in batches:
+        for name, value in batch.items():
+            assert name not in entries, name
+            a = np.asarray(value)
+            entries[name] = (f"{name}\0{a.dtype.str}\0{list(a.shape)}", sha256_bytes(_tensor_bytes(a)))
+    return sha256_entries(entries[n] for n in sorted(entries))
 
 
 def _manifest_self_hash(manifest: Mapping[str, Any]) -> str:
@@ -365,10 +411,22 @@ class Checkpoint:
     tensors: Mapping[str, Mapping[str, np.ndarray]]
     state: Mapping[str, Any]
     manifest: Mapping[str, Any] = field(repr=False)
+    #: sharded steps: rank -> (its JSON document, its tensors) from ``rank-NNNNN.*``
+    ranks: Mapping[int, tuple[Mapping[str, Any], Mapping[str, np.ndarray]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def layout(self) -> str:
+        """``"files"`` (format 1: every tensor in this directory's safetensors) or a sharded layout (:data:`LAYOUTS`)."""
+        return str(self.manifest.get("layout", "files"))
 
     def group(self, name: str) -> dict[str, np.ndarray]:
         """The tensors of one group (empty dict when the checkpoint has none)."""
         return dict(self.tensors.get(name, {}))
+
+    def model_info(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype) of the model group, from the manifest (no tensor is read)."""
+        entries = self.manifest["tensors"].get("model" if self.layout != "files" else "model.safetensors", {})
+        return {n: (tuple(e["shape"]), str(e["dtype"])) for n, e in entries.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -376,6 +434,7 @@ class Checkpoint:
             "step": self.step,
             "model": self.model,
             "framework": self.framework,
+            "layout": self.layout,
             "groups": {g: sorted(t) for g, t in self.tensors.items()},
             "files": dict(self.manifest.get("files", {})),
         }
@@ -531,6 +590,151 @@ def save_checkpoint(
     return final
 
 
+# --------------------------------------------------------------------------------------
+# writing sharded steps (every rank writes; rank 0 commits)
+# --------------------------------------------------------------------------------------
+def sharded_tmp(ckpt_dir: str | os.PathLike[str], step: int) -> Path:
+    """The temp directory every rank writes step ``step`` into (a fixed name all ranks agree on).
+
+    A leftover of a crashed attempt has the same name: training removes every ``.tmp-``
+    entry (:func:`clean`) before it starts, while it holds the directory's lock.
+    """
+    return Path(ckpt_dir) / f"{atomic.TMP_PREFIX}{step_dirname(step)}.shards"
+
+
+def rank_file(rank: int, suffix: str) -> str:
+    """``rank-00003.json`` / ``rank-00003.safetensors``: one rank's own state in a sharded step."""
+    return f"rank-{int(rank):05d}{suffix}"
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_rank_files(
+    tmp: Path, rank: int, doc: Mapping[str, Any], tensors: Mapping[str, np.ndarray]
+) -> dict[str, dict[str, Any]]:
+    """Write one rank's JSON document and tensors into a sharded step's temp directory (fsynced).
+
+    Returns:
+        ``{file name: {"bytes", "sha256"}}`` for the manifest.
+    """
+    from safetensors.numpy import save as st_save
+
+    arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
+    assert all(a.dtype.name in _STORABLE and a.dtype.isnative for a in arrays.values()), {k: a.dtype for k, a in arrays.items()}
+    out = {}
+    for name, data in (
+        (rank_file(rank, ".json"), json.dumps(dict(doc), indent=1, allow_nan=False).encode()),
+        (rank_file(rank, ".safetensors"), st_save(arrays, metadata={"format": CHECKPOINT_FORMAT})),
+    ):
+        _write_synced(tmp / name, data)
+        out[name] = {"bytes": len(data), "sha256": sha256_bytes(data)}
+    return out
+
+
+def hash_files(tmp: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes", "sha256"}}`` of files (relative POSIX paths) under ``tmp``, hashed on threads."""
+
+    def one(name: str) -> tuple[str, dict[str, Any]]:
+        f = tmp / name
+        return name, {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+
+    with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as pool:
+        return dict(pool.map(one, sorted(names)))
+
+
+def commit_sharded(
+    ckpt_dir: str | os.PathLike[str],
+    step: int,
+    *,
+    layout: str,
+    model: str,
+    framework: str,
+    files: Mapping[str, Mapping[str, Any]],
+    tensors: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    state: Mapping[str, Any],
+    info: Mapping[str, Any],
+    keep: int | None = None,
+    keep_every: int | None = None,
+) -> Path:
+    """Rank 0's half of the completion protocol: publish step ``step`` once every rank has written.
+
+    Call it only after every rank's files are written, fsynced and reported (``files``, as
+    gathered from the ranks).  It checks that exactly the reported files are in
+    :func:`sharded_tmp` with the reported sizes, writes ``state.json``, then
+    ``manifest.json`` last, fsyncs the tree, renames it to ``step-NNNNNNNN`` (one atomic
+    rename), fsyncs the parent and applies retention.
+
+    Args:
+        ckpt_dir: the checkpoint directory.
+        step: the step the checkpoint holds.
+        layout: one of :data:`LAYOUTS`.
+        model, framework: as for :func:`save_checkpoint`.
+        files: every file the ranks wrote, relative path -> ``{"bytes", "sha256"}``.
+        tensors: group -> name -> ``{"dtype", "shape", "key"}`` (``key``: the name the
+            engine stores it under); group ``"model"`` is what an export reads.
+        state: plain JSON (``state.json``).
+        info: more manifest fields (``world_size``, ``strategy``, ``devices``).
+        keep, keep_every: retention, as for :func:`save_checkpoint`.
+
+    Returns:
+        The committed step directory.
+
+    Raises:
+        CheckpointError: a reported file is missing or has another size, a file nobody
+            reported is in the temp directory, the step already exists, or an OS error;
+            nothing under a ``step-*`` name was changed.
+    """
+    assert layout in LAYOUTS and framework in FRAMEWORKS, (layout, framework)
+    root = Path(ckpt_dir)
+    tmp = sharded_tmp(root, step)
+    final = root / step_dirname(step)
+    if final.exists():
+        raise CheckpointError(f"checkpoint {final} already exists; a step is written only once")
+    problems = []
+    present = {f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file()}
+    for name in sorted(set(files) - present):
+        problems.append(f"{name}: reported by a rank but not in {tmp.name}")
+    for name in sorted(present - set(files)):
+        problems.append(f"{name}: in {tmp.name} but no rank reported writing it")
+    for name in sorted(set(files) & present):
+        if (tmp / name).stat().st_size != files[name]["bytes"]:
+            problems.append(f"{name}: {(tmp / name).stat().st_size} bytes on disk, the rank reported {files[name]['bytes']}")
+    if problems:
+        raise CheckpointError.listing(f"checkpoint step {step} in {root} is not complete; it was not committed:", problems)
+    state_bytes = json.dumps(dict(state), indent=1, allow_nan=False).encode()
+    manifest: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": SHARDED_FORMAT_VERSION,
+        "layout": layout,
+        "model": model,
+        "framework": framework,
+        "step": int(step),
+        **dict(info),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "files": {**{n: dict(files[n]) for n in sorted(files)}, STATE_JSON: {"bytes": len(state_bytes), "sha256": sha256_bytes(state_bytes)}},
+        "tensors": {g: {n: dict(e) for n, e in t.items()} for g, t in tensors.items()},
+    }
+    manifest["manifest_sha256"] = _manifest_self_hash(manifest)
+    try:
+        _write_synced(tmp / STATE_JSON, state_bytes)
+        _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())  # last
+        atomic.fsync_tree(tmp)
+        os.replace(tmp, final)
+        atomic.fsync_dir(root)
+    except OSError as e:
+        raise CheckpointError(f"cannot commit checkpoint step {step} in {root}: {e}; the previous checkpoints are intact") from e
+    crash_point(f"commit:{step}", 0)
+    if keep is not None:
+        _prune(root, keep, keep_every, protect=final, crash_tag=str(step))
+    return final
+
+
 def _remove_step(root: Path, p: Path, crash: str | None = None) -> None:
     # Rename first: a crash mid-removal leaves a .tmp- name (cleaned later), never a
     # half-deleted step-* directory that would look like a damaged checkpoint.
@@ -658,14 +862,16 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
         return None, [f"{MANIFEST} is not a JSON object"]
     if manifest.get("format") != CHECKPOINT_FORMAT:
         return None, [f"{MANIFEST} has format {manifest.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"]
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
         return None, [
             f"{MANIFEST} has format_version {manifest.get('format_version')!r}; this exporter reads "
-            f"{FORMAT_VERSION} (upgrade exporter)"
+            f"{FORMAT_VERSION} and {SHARDED_FORMAT_VERSION} (upgrade exporter)"
         ]
     if manifest.get("manifest_sha256") != _manifest_self_hash(manifest):
         return None, [f"{MANIFEST} does not match its own sha256 (altered or damaged)"]
     problems = []
+    if manifest["format_version"] == SHARDED_FORMAT_VERSION and manifest.get("layout") not in LAYOUTS:
+        problems.append(f"{MANIFEST} has layout {manifest.get('layout')!r}, expected one of {', '.join(LAYOUTS)}")
     step = _step_of(path)
     if step is not None and manifest.get("step") != step:
         problems.append(f"{MANIFEST} records step {manifest.get('step')!r} but the directory is {path.name}")
@@ -690,6 +896,8 @@ def _load_dir(
     manifest, problems = _read_manifest(path)
     if manifest is None or problems:
         return manifest, {}, problems
+    if manifest["format_version"] == SHARDED_FORMAT_VERSION:
+        return manifest, *_load_sharded(path, manifest, st_load)
     loaded: dict[str, Any] = {}
     pool = ThreadPoolExecutor(max_workers=1)  # hashes a file while the main thread parses it
     try:
@@ -772,6 +980,72 @@ def _check_file(
             problems.append(f"{fname}: cannot be parsed ({e})")
 
 
+def _engine_file(fname: str) -> bool:
+    """A file of a sharded step that its engine (DCP/orbax) reads, not exporter."""
+    return "/" in fname
+
+
+def _shard_tensors(fpath: Path) -> list[str]:
+    """The tensor keys in a DCP safetensors shard's header (to name what a damaged shard holds)."""
+    try:
+        with open(fpath, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            doc = json.loads(fh.read(n)) if 0 < n <= 100_000_000 else {}
+    except (OSError, ValueError):
+        return []
+    return sorted(k for k in doc if k != "__metadata__") if isinstance(doc, dict) else []
+
+
+def _load_sharded(
+    path: Path, manifest: Mapping[str, Any], st_load: Any, only: set[str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Check the files of a sharded step (size + sha256, hashed on threads); parse exporter's own files.
+
+    ``only``: check just these files (default: every file, and that nothing else is there).
+    """
+    problems: list[str] = []
+    loaded: dict[str, Any] = {}
+    files = {n: m for n, m in manifest["files"].items() if only is None or n in only}
+    if only is None:
+        on_disk = {f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file()} - {MANIFEST}
+        for extra in sorted(on_disk - set(files)):
+            problems.append(f"{extra}: not in the manifest (added after the commit)")
+
+    def check(fname: str) -> tuple[str, bytes | None, list[str]]:
+        meta, fpath = files[fname], path / fname
+        if not fpath.is_file():
+            return fname, None, [f"{fname}: missing"]
+        size = fpath.stat().st_size
+        if size != meta.get("bytes"):
+            return fname, None, [f"{fname}: {size} bytes, expected {meta.get('bytes')} (truncated or altered)"]
+        if _engine_file(fname):
+            ok = sha256_file(fpath) == meta.get("sha256")
+            data = None
+        else:
+            data = fpath.read_bytes()
+            ok = sha256_bytes(data) == meta.get("sha256")
+        if ok:
+            return fname, data, []
+        held = _shard_tensors(fpath) if fname.endswith(".safetensors") and _engine_file(fname) else []
+        note = f"; it holds (chunks of) {', '.join(held[:8])}{' ...' if len(held) > 8 else ''}" if held else ""
+        return fname, None, [f"{fname}: sha256 mismatch (content altered or damaged){note}"]
+
+    with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as pool:
+        results = list(pool.map(check, sorted(files)))
+    for fname, data, probs in results:
+        problems += probs
+        if data is None:
+            continue
+        try:
+            if fname.endswith(".json"):
+                loaded[fname] = json.loads(data)
+            elif fname.endswith(".safetensors"):
+                loaded[fname] = st_load(data)
+        except Exception as e:  # json or safetensors errors: the bytes matched the manifest, so this is a bad writer
+            problems.append(f"{fname}: cannot be parsed ({e})")
+    return loaded, problems
+
+
 def verify_checkpoint(path: str | os.PathLike[str]) -> list[str]:
     """Check one step directory against its manifest.
 
@@ -807,11 +1081,19 @@ def _try_load(p: Path, groups: tuple[str, ...] | None) -> tuple[Checkpoint | Non
     manifest, loaded, problems = _load_dir(p, want=set(groups) if groups is not None else None)
     if manifest is None or problems:
         return None, sorted(problems)
-    tensors = {
-        f.removesuffix(".safetensors"): arrays
-        for f, arrays in loaded.items()
-        if f.endswith(".safetensors") and (groups is None or f.removesuffix(".safetensors") in groups)
-    }
+    ranks: dict[int, tuple[Mapping[str, Any], Mapping[str, np.ndarray]]] = {}
+    if manifest["format_version"] == SHARDED_FORMAT_VERSION:
+        tensors = {"model": _consolidated_model(p, manifest)} if groups is not None and "model" in groups else {}
+        for fname, doc in loaded.items():
+            m = _RANK_RE.fullmatch(fname)
+            if m:
+                ranks[int(m.group(1))] = (doc, loaded.get(rank_file(int(m.group(1)), ".safetensors"), {}))
+    else:
+        tensors = {
+            f.removesuffix(".safetensors"): arrays
+            for f, arrays in loaded.items()
+            if f.endswith(".safetensors") and (groups is None or f.removesuffix(".safetensors") in groups)
+        }
     ckpt = Checkpoint(
         path=p,
         step=int(manifest["step"]),
@@ -820,8 +1102,20 @@ def _try_load(p: Path, groups: tuple[str, ...] | None) -> tuple[Checkpoint | Non
         tensors=tensors,
         state=loaded.get(STATE_JSON, {}),
         manifest=manifest,
+        ranks=ranks,
     )
     return ckpt, []
+
+
+def _consolidated_model(p: Path, manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The full model tensors of a (verified) sharded step, read by its engine."""
+    from exporter import sharded
+
+    entries = manifest["tensors"].get("model", {})
+    if manifest["layout"] == "dcp":
+        return sharded.read_dcp(p / "dcp", {name: e["key"] for name, e in entries.items()})
+    flat = sharded.flatten(sharded.read_orbax(p / "model"))
+    return {name: flat[name] for name in entries}
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, groups: tuple[str, ...] | None = None) -> Checkpoint:
@@ -847,6 +1141,43 @@ def load_checkpoint(path: str | os.PathLike[str], *, groups: tuple[str, ...] | N
     if ckpt is None:
         raise _corrupt_error(p, problems)
     return ckpt
+
+
+def load_sharded_state(path: str | os.PathLike[str], ranks: Iterable[int]) -> Checkpoint:
+    """``state.json`` and the files of ``ranks`` of a sharded step, each size- and hash-checked.
+
+    What a rank needs to resume, without hashing the engine's shard files again: call it
+    for a step that :func:`latest_checkpoint` (or :func:`verify_checkpoint`) has just checked.
+
+    Raises:
+        CheckpointCorruptError: the manifest or one of those files does not check out.
+        CheckpointError: ``path`` is not a sharded step.
+    """
+    from safetensors.numpy import load as st_load
+
+    p = Path(path)
+    manifest, problems = _read_manifest(p)
+    if manifest is not None and not problems and manifest["format_version"] != SHARDED_FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {p} is a single-process checkpoint, not a sharded one")
+    loaded: dict[str, Any] = {}
+    if manifest is not None and not problems:
+        want = {STATE_JSON} | {rank_file(r, s) for r in ranks for s in (".json", ".safetensors")}
+        loaded, problems = _load_sharded(p, manifest, st_load, only=want)
+        problems += [f"{n}: missing from the manifest" for n in sorted(want - set(manifest["files"]))]
+    if manifest is None or problems:
+        raise _corrupt_error(p, problems)
+    ranks_state = {int(m.group(1)): (doc, loaded.get(rank_file(int(m.group(1)), ".safetensors"), {}))
+                   for fname, doc in loaded.items() if (m := _RANK_RE.fullmatch(fname))}  # fmt: skip
+    return Checkpoint(
+        path=p,
+        step=int(manifest["step"]),
+        model=str(manifest["model"]),
+        framework=str(manifest["framework"]),
+        tensors={},
+        state=loaded.get(STATE_JSON, {}),
+        manifest=manifest,
+        ranks=ranks_state,
+    )
 
 
 def latest_checkpoint(
@@ -941,7 +1272,7 @@ def list_checkpoints(ckpt_dir: str | os.PathLike[str], *, verify: bool = True) -
                 model=m.get("model"),
                 framework=m.get("framework"),
                 created=m.get("created"),
-                total_bytes=sum(f.stat().st_size for f in p.iterdir() if f.is_file()),
+                total_bytes=sum(f.stat().st_size for f in p.rglob("*") if f.is_file()),
                 valid=manifest is not None and not problems,
                 problems=tuple(sorted(problems)),
             )
@@ -987,7 +1318,9 @@ def model_checkpoint(path: str | os.PathLike[str], *, model: str | None = None) 
 
     Returns:
         The :class:`Checkpoint` (``.path`` is the step directory; ``.group("model")`` the
-        canonical state, for both torch and flax runs).
+        canonical state, for both torch and flax runs; for a sharded step the model tensors
+        consolidated from its shards by their engine: canonical names for DCP steps, flax
+        variable paths such as ``params/hidden/kernel`` for orbax steps).
 
     Raises:
         CheckpointCorruptError: the step directory (or every step directory) is damaged.
@@ -1027,7 +1360,9 @@ def load_model_state(path: str | os.PathLike[str], *, model: str | None = None) 
         model: if given, the registry name the checkpoint must have been trained for.
 
     Returns:
-        name -> array, for both torch and flax runs (flax runs are stored canonically).
+        name -> array, for both torch and flax runs (single-process flax runs are stored
+        canonically; multi-device flax steps hold flax variable paths, which
+        :func:`exporter.rebuild.prepare_state` maps like any flax state).
 
     Raises:
         As :func:`model_checkpoint`.

@@ -26,6 +26,8 @@ EXTRAS: Mapping[str, str] = MappingProxyType(
         "jax2onnx": "jax",
         "optax": "jax",
         "orbax": "jax",
+        "torchvision": "torchvision",
+        "openvino": "openvino",
     }
 )
 

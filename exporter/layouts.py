@@ -446,7 +446,7 @@ def flax_names(rules: tuple[Rule, ...] | list[Rule]) -> list[str]:
 
 
 def _contiguous(a: Array) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(a))
+    return np.asarray(a, order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
 
 
 def _check_keys(have: Iterable[str], want: Iterable[str], what: str) -> None:

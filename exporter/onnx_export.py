@@ -238,9 +238,11 @@ def _dims_for_export(spec: ModelSpec) -> dict[str, int]:
 
 
 def _dynamic_shapes(spec: ModelSpec, torch: Any) -> tuple[dict[int, Any] | None, ...]:
-    """``dynamic_shapes`` for ``torch.onnx.export``: one ``torch.export.Dim`` per spec dim name."""
-    dim_objs = {d: torch.export.Dim(d) for d in spec.dynamic_dims()}
-    return tuple({i: dim_objs[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None for t in spec.inputs)
+    """``dynamic_shapes`` for ``torch.onnx.export``: one ``torch.export.Dim`` per spec dim name,
+    ``Dim.AUTO`` for a derived dim (``"past + seq"``: torch infers it; see ``exporter.dimexpr``)."""
+    from exporter import dimexpr
+
+    return dimexpr.torch_dynamic_shapes([t.shape for t in spec.inputs], torch)
 
 
 # --------------------------------------------------------------------------- torch
@@ -442,7 +444,11 @@ def export_flax(
         if dtype == np.int64 and not jax.config.jax_enable_x64:
             dtype = np.dtype(np.int32)
         avals.append(jax.ShapeDtypeStruct(jax.export.symbolic_shape(dims, scope=scope), dtype))
-    with captured_output() as log:
+    from exporter import flax_scopes
+
+    # flax_scopes: each node gets its flax module path in metadata (jax2onnx records none),
+    # which `exporter explain` maps modules by; the graph itself is unchanged.
+    with captured_output() as log, flax_scopes.recording():
         try:
             model = jax2onnx.to_onnx(
                 fn,
@@ -528,6 +534,9 @@ def _finish(
             + "; ".join(problems)
             + ". Check that forward() takes the spec's inputs in order and returns its outputs in order."
         )
+    from exporter import dimexpr
+
+    dimexpr.name_onnx_dims(graph, {t.name: t.shape for t in spec.inputs})  # derived dims get the spec's names
     weights = 0
     for init in graph.initializers.values():
         if init.const_value is not None:

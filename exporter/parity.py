@@ -44,7 +44,7 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,6 +111,9 @@ class OutputCheck:
         ok: this output passes at this case.
         reason: why it failed beyond the numbers (missing output, shape or dtype mismatch,
             candidate failed to run); empty otherwise.
+        worst_tol: the largest ``|c - r| / (atol + rtol * |r|)`` over the elements finite in
+            both: the worst error as a fraction of its own tolerance (an element passes at
+            <= 1); ``None`` for integer/bool outputs and when nothing could be compared.
     """
 
     output: str
@@ -130,6 +133,7 @@ class OutputCheck:
     nan_mismatch: int
     ok: bool
     reason: str = ""
+    worst_tol: float | None = None
 
     def __bool__(self) -> bool:
         return self.ok
@@ -172,6 +176,7 @@ class OutputCheck:
             "nan_mismatch": self.nan_mismatch,
             "ok": self.ok,
             "reason": self.reason,
+            "worst_tol": self.worst_tol,
         }
 
     @classmethod
@@ -197,6 +202,11 @@ class ParityReport:
     candidate: str
     checks: tuple[OutputCheck, ...]
     seed: int | None = None
+    #: The candidate runtime's own explanation of the failures, with the fix
+    #: (``Runtime.failure_hints``: e.g. OpenVINO's lowered default precision).
+    hints: tuple[str, ...] = ()
+    #: The candidate runtime's settings (its ``session_options()``; runtime options included).
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -253,7 +263,8 @@ class ParityReport:
             "If the difference is expected (e.g. reduced precision), loosen the tolerance (--atol/--rtol or a "
             "per-output override in the model spec, with a comment saying why); otherwise the export is wrong"
         )
-        raise ParityError(header + "".join(f"\n  - {line}" for line in self.failures()))
+        lines = self.failures() + [f"hint: {h}" for h in self.hints]
+        raise ParityError(header + "".join(f"\n  - {line}" for line in lines))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (``json.dumps`` needs no help; no NaN or Inf)."""
@@ -269,6 +280,8 @@ class ParityReport:
             "cases": self.cases,
             "checks": [c.to_dict() for c in self.checks],
             "failures": self.failures() if not self.ok else [],
+            "hints": list(self.hints),
+            "settings": dict(self.settings),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -290,6 +303,8 @@ class ParityReport:
             candidate=d["candidate"],
             checks=tuple(OutputCheck.from_dict(c) for c in d["checks"]),
             seed=d.get("seed"),
+            hints=tuple(d.get("hints", ())),
+            settings=dict(d.get("settings") or {}),
         )
 
     @classmethod
@@ -375,6 +390,7 @@ class ParityReport:
         lines = [self.summary()]
         for r in rows:
             lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+        lines += [f"  hint: {h}" for h in self.hints]
         return "\n".join(line.rstrip() for line in lines)
 
 
@@ -462,13 +478,16 @@ def _stats(r: np.ndarray, c: np.ndarray, atol: float, rtol: float, floor: float)
         ref_mag = np.abs(np.where(both, r64, 0))
         bad = (both & ~(err <= atol + rtol * ref_mag)) | nonfinite_mismatch
     finite_err = err[both]
-    max_abs = mean_abs = p99_abs = max_rel = 0.0
+    max_abs = mean_abs = p99_abs = max_rel = worst_tol = 0.0
     if finite_err.size:
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             max_abs = float(finite_err.max())
             mean_abs = float(finite_err.mean())
             p99_abs = float(np.percentile(finite_err, 99))
             max_rel = float((finite_err / np.maximum(ref_mag[both], floor)).max())
+            tol = atol + rtol * ref_mag[both]  # 0 only for a float output held to atol = rtol = 0
+            worst_tol = float(np.max(np.where(tol > 0, finite_err / np.where(tol > 0, tol, 1.0), np.where(finite_err > 0, np.inf, 0.0))))
+    exact = _exact_dtype(r.dtype) and _exact_dtype(c.dtype)
     return {
         "max_abs": _finite(max_abs),
         "max_rel": _finite(max_rel),
@@ -477,6 +496,7 @@ def _stats(r: np.ndarray, c: np.ndarray, atol: float, rtol: float, floor: float)
         "n_bad": int(bad.sum()),
         "n_total": n_total,
         "nan_mismatch": int(nonfinite_mismatch.sum()),
+        "worst_tol": None if exact else _finite(worst_tol),
     }
 
 
@@ -698,10 +718,10 @@ def sweep_cases(
             problems.append("set the batch sizes with batch_sizes=, not extra_dims")
         elif dim not in known:
             problems.append(f"unknown dim {dim!r}; model {spec.name!r} has dynamic dims: {', '.join(known)}")
-        problems += [f"size {v!r} of dim {dim!r} is not a positive int" for v in values if not _positive_int(v)]
+        problems += [f"size {v!r} of dim {dim!r} is not {_size_text(spec, dim)}" for v in values if not _size_ok(spec, dim, v)]
         if not values:
             problems.append(f"no sizes given for dim {dim!r}")
-        axes[dim] = [int(v) for v in values if _positive_int(v)]
+        axes[dim] = [int(v) for v in values if _size_ok(spec, dim, v)]
     if problems:
         raise UsageError(format_problems(f"bad sweep for model {spec.name!r}", problems))
     others = [d for d in known if d != "batch"]
@@ -726,7 +746,7 @@ def _complete_case(spec: ModelSpec, case: Mapping[str, int]) -> dict[str, int]:
     problems = [
         f"unknown dim {d!r}; model {spec.name!r} has dynamic dims: {', '.join(known)}" for d in case if d not in known
     ]
-    problems += [f"size {v!r} of dim {d!r} is not a positive int" for d, v in case.items() if not _positive_int(v)]
+    problems += [f"size {v!r} of dim {d!r} is not {_size_text(spec, d)}" for d, v in case.items() if not _size_ok(spec, d, v)]
     problems += [f"no size for dim {d!r}" for d in known if d not in case and d not in spec.dims]
     if problems:
         raise UsageError(format_problems(f"bad case {dict(case)} for model {spec.name!r}", problems))
@@ -735,6 +755,16 @@ def _complete_case(spec: ModelSpec, case: Mapping[str, int]) -> dict[str, int]:
 
 def _positive_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and int(x) >= 1
+
+
+def _size_ok(spec: ModelSpec, dim: str, x: Any) -> bool:
+    """A size of ``dim``: an int >= 1, or >= 0 where the spec allows it (``min_dims``)."""
+    least = getattr(spec, "min_dims", {}).get(dim, 1)
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and int(x) >= least
+
+
+def _size_text(spec: ModelSpec, dim: str) -> str:
+    return "an int >= 0" if getattr(spec, "min_dims", {}).get(dim, 1) == 0 else "a positive int"
 
 
 def load_inputs(path: str | os.PathLike[str], spec: ModelSpec | None = None) -> dict[str, np.ndarray]:

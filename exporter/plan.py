@@ -41,6 +41,11 @@ class ExportPlan:
         out: output root; bundles go to ``out/<model>/<framework>``.
         checkpoint: the saved state to export (None: a seeded state).
         rename: ``(regex, replacement)`` rules applied to the checkpoint's keys.
+        config: a model family's config record (``exporter.models.family``: family,
+            source, sha256, values), written to the manifest; None for other models.
+        variants: variants to make of each bundle (``exporter.variants``: "optimized",
+            "fp16", "int8"), each its own bundle ``out/<model>/<framework>-<variant>``.
+        variant_options: variant -> its options (``exporter.variants.<name>.DEFAULT_OPTIONS``).
     """
 
     spec: ModelSpec
@@ -57,6 +62,9 @@ class ExportPlan:
     out: Path
     checkpoint: Path | None = None
     rename: tuple[tuple[str, str], ...] = ()
+    config: Mapping[str, Any] | None = None
+    variants: tuple[str, ...] = ()
+    variant_options: Mapping[str, Mapping[str, Any]] | None = None
 
     def bundle_dir(self, framework: str) -> Path:
         """``out/<model>/<framework>``."""

@@ -375,7 +375,7 @@ def prepare_state(
         for r in spec.layout:
             if all(f in fits for f in r.flax_keys()):
                 for c, v in r.from_flax({f: fits[f] for f in r.flax_keys()}).items():
-                    canonical[c] = np.ascontiguousarray(v)
+                    canonical[c] = np.asarray(v, order="C")
     else:
         canonical = fits
 

@@ -52,7 +52,7 @@ def write_tensors(directory: str | os.PathLike[str], prefix: str, arrays: Mappin
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     for i, (name, value) in enumerate(arrays.items()):
-        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name=name)
+        tensor = numpy_helper.from_array(np.asarray(value, order="C"), name=name)  # (ascontiguousarray makes 0-d 1-d)
         (d / f"{prefix}_{i}.pb").write_bytes(tensor.SerializeToString())
 
 

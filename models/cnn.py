@@ -74,6 +74,7 @@ SPEC = register(
         summary="Conv-BN-ReLU-pool, Conv-BN-GELU-pool, Linear; (batch, 1, 28, 28) -> 10",
         inputs=(TensorSpec("x", ("batch", 1, 28, 28), "float32"),),
         outputs=("y",),
+        output_kinds={"y": "logits"},
         layout=(
             Conv("conv1", "conv1"),
             BatchNorm("bn1", "bn1"),

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter import layouts
+from exporter import dimexpr, layouts
 from exporter.errors import MAX_LISTED, UnknownModelError, UsageError
 from exporter.layouts import Rule
 
@@ -97,7 +97,9 @@ class TensorSpec:
     def concrete_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
         out = []
         for d in self.shape:
-            if isinstance(d, str):
+            if dimexpr.is_derived(d):  # "past + seq": from the named dims' sizes
+                out.append(dimexpr.evaluate(d, dims))
+            elif isinstance(d, str):
                 if d not in dims:
                     raise UsageError(f"input {self.name!r}: no size given for dynamic dim {d!r} (have {sorted(dims)})")
                 out.append(int(dims[d]))
@@ -204,6 +206,15 @@ class ModelSpec:
         key_rules: ``(regex, replacement)`` renames applied to checkpoint keys on load,
             after stripping common prefixes (``module.``, ``_orig_mod.``, ``model.``).
         frameworks: which builds exist; by default every framework whose factory is given.
+        output_kinds: what each output is, for the task metrics of variants
+            (``exporter.metrics``): ``"embedding"``, ``"logits"``, ``"hidden"`` or
+            ``"exact"``; an undeclared float output is ``"hidden"``.
+        variant_thresholds: per-model task-metric thresholds: variant -> (kind or output
+            name) -> metric -> lowest passing value (``{"int8": {"logits": {"top1": 0.95}}}``).
+        variant_tolerances: per-model elementwise tolerances of variants: variant ->
+            output -> Tolerance.
+        min_dims: smallest size of a dynamic dim where it is not 1 (a decoder's
+            ``{"past": 0}``: the prefill has no cached positions); sweeps may use it.
     """
 
     name: str
@@ -221,6 +232,10 @@ class ModelSpec:
     ignore_keys: tuple[str, ...] = (r"(^|\.)num_batches_tracked$",)
     key_rules: tuple[tuple[str, str], ...] = ()
     frameworks: tuple[str, ...] = None  # type: ignore[assignment]  # None: set from the factories given
+    output_kinds: Mapping[str, str] = field(default_factory=dict)
+    variant_thresholds: Mapping[str, Mapping[str, Mapping[str, float]]] = field(default_factory=dict)
+    variant_tolerances: Mapping[str, Mapping[str, Tolerance]] = field(default_factory=dict)
+    min_dims: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.frameworks is None:
@@ -244,11 +259,17 @@ class ModelSpec:
         out += self._tolerance_problems()
         out += self._build_problems()
         out += self._key_problems()
+        out += self._variant_problems()
         if not isinstance(self.layout, tuple):
             out.append(f"layout must be a tuple of exporter.layouts.Rule, got {type(self.layout).__name__}")
         else:
             out += layouts.rule_problems(self.layout)
         return out
+
+    def _variant_problems(self) -> list[str]:
+        from exporter.metrics import spec_problems  # a leaf module: no import cycle
+
+        return spec_problems(self)
 
     def _io_problems(self) -> list[str]:
         out: list[str] = []
@@ -278,8 +299,19 @@ class ModelSpec:
             out.append(f"dims must give a default batch size (e.g. dims={{'batch': 2}}), got {dict(self.dims)}")
         out += [f"dims size of {d!r} must be an int >= 1, got {v!r}" for d, v in self.dims.items() if not _positive_int(v)]
         specs = [t for t in self.inputs if isinstance(t, TensorSpec)] if isinstance(self.inputs, tuple) else []
-        dynamic = list(dict.fromkeys(d for t in specs for d in t.shape if isinstance(d, str)))
+        derived = list(dict.fromkeys(d for t in specs for d in t.shape if dimexpr.is_derived(d)))
+        for d in derived:
+            try:
+                dimexpr.terms(d)
+            except UsageError as e:
+                out.append(str(e))
+                specs = []
+        dynamic = dimexpr.root_dims(t.shape for t in specs)  # derived dims follow from these
         out += [f"dims gives no default size for dynamic dim {d!r} (used by the inputs)" for d in dynamic if d not in self.dims]
+        if not isinstance(self.min_dims, Mapping):
+            return out + [f"min_dims must be a mapping of dim name -> smallest size, got {type(self.min_dims).__name__}"]
+        out += [f"min_dims names unknown dim {d!r}" for d in self.min_dims if d not in dynamic]
+        out += [f"min_dims size of {d!r} must be 0 or 1, got {v!r}" for d, v in self.min_dims.items() if v not in (0, 1)]
         if not isinstance(self.sweep_dims, Mapping):
             return out + [f"sweep_dims must be a mapping of dim name -> sizes, got {type(self.sweep_dims).__name__}"]
         for d, sizes in self.sweep_dims.items():
@@ -290,7 +322,8 @@ class ModelSpec:
             if not isinstance(sizes, (tuple, list)) or not sizes:
                 out.append(f"sweep_dims sizes of {d!r} must be a non-empty tuple of ints >= 1, got {sizes!r}")
             else:
-                out += [f"sweep_dims size {v!r} of {d!r} is not an int >= 1" for v in sizes if not _positive_int(v)]
+                least = self.min_dims.get(d, 1)
+                out += [f"sweep_dims size {v!r} of {d!r} is not an int >= {least}" for v in sizes if not (_positive_int(v) or least == 0 and v == 0 and not isinstance(v, bool))]
         return out
 
     def _tolerance_problems(self) -> list[str]:
@@ -391,12 +424,9 @@ class ModelSpec:
         return out
 
     def dynamic_dims(self) -> list[str]:
-        seen: list[str] = []
-        for t in self.inputs:
-            for d in t.shape:
-                if isinstance(d, str) and d not in seen:
-                    seen.append(d)
-        return seen
+        """The independent dynamic dims, in order of first use (a derived dim such as
+        ``"past + seq"`` contributes its names, not itself)."""
+        return dimexpr.root_dims(t.shape for t in self.inputs)
 
     # -- parameters -------------------------------------------------------------------
     def canonical_names(self) -> list[str]:
@@ -408,7 +438,15 @@ class ModelSpec:
 
 _REGISTRY: dict[str, ModelSpec] = {}
 _BUILTINS_LOADED = False
-_BUILTIN_MODULES = ("exporter.models.mlp", "exporter.models.cnn", "exporter.models.transformer", "exporter.models.minilm")
+_BUILTIN_MODULES = (
+    "exporter.models.mlp",
+    "exporter.models.cnn",
+    "exporter.models.transformer",
+    "exporter.models.bert",
+    "exporter.models.minilm",
+    "exporter.models.gpt2",
+    "exporter.models.resnet",
+)
 
 
 def register(spec: ModelSpec) -> ModelSpec:

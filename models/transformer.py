@@ -67,6 +67,7 @@ SPEC = register(
         summary="pre-LayerNorm encoder block: 4-head self-attention + GELU MLP, d_model 32",
         inputs=(TensorSpec("x", ("batch", "seq", D_MODEL), "float32", low=-1.0, high=1.0),),
         outputs=("y",),
+        output_kinds={"y": "hidden"},
         layout=(
             LayerNorm("ln1", "ln1"),
             PackedAttention("attn", "attn", heads=HEADS),

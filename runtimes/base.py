@@ -33,6 +33,7 @@ from exporter.testdata import value_dims
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.models.registry import ModelSpec, TensorSpec
+    from exporter.parity import OutputCheck
 
 __all__ = [
     "IOSpec",
@@ -56,6 +57,8 @@ RUNTIMES: Mapping[str, str] = MappingProxyType(
         "onnxruntime": "exporter.runtimes.onnxruntime:OnnxRuntime",
         "reference": "exporter.runtimes.reference:ReferenceRuntime",
         "node": "exporter.runtimes.node:NodeRuntime",
+        "openvino": "exporter.runtimes.openvino:OpenVinoRuntime",
+        "browser": "exporter.runtimes.browser:BrowserRuntime",
     }
 )
 
@@ -216,6 +219,15 @@ class Runtime(ABC):
         """
         text = " ".join(str(error).split())
         return RunError(f"{self.describe()}: {doing}: {type(error).__name__}: {text}")
+
+    def failure_hints(self, failed: Sequence[OutputCheck]) -> list[str]:
+        """Lines explaining failing checks by this runtime's own settings, with the fix.
+
+        ``bundle.verify`` records them in the report (``ParityReport.hints``).  The default
+        knows nothing; an adapter whose defaults change numerics (OpenVINO's bf16 inference
+        precision) overrides it.
+        """
+        return []
 
     def close(self) -> None:
         """Release resources (sessions, subprocesses).  Safe to call twice."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,11 +125,23 @@ def test_export_from_checkpoint_json_and_junit(capfd, tmp_path: Path) -> None:
     assert junit.is_file() and 'failures="0"' in junit.read_text()
 
 
+@pytest.mark.slow
 def test_export_table_and_progress(capsys, tmp_path: Path) -> None:
-    code, out, err = run(capsys, "export", "mlp", "--out", str(tmp_path), "--batch-sizes", "1,5", "--atol", "1e-5", "--rtol", "1e-4")
+    code, out, err = run(capsys, "export", "mlp", "--out", str(tmp_path), "--batch-sizes", "1,5", "--atol", "1e-5", "--rtol", "1e-4", "-v")
     assert code == 0, err
-    assert "mlp (torch): PASS" in out and "mlp (flax): PASS" in out and "batch=5" in out
-    assert "[1/2] mlp (torch)" in err and "[2/2] mlp (flax)" in err  # progress when several
+    assert "mlp (torch): PASS" in out and "mlp (flax): PASS" in out and "batch=5" in out  # -v: per-case tables
+    assert "[1/2] mlp (torch)" in err and "[2/2] mlp (flax)" in err  # progress when several (plain lines: not a TTY)
+
+
+def test_export_prints_one_line_per_bundle(capsys, tmp_path: Path) -> None:
+    code, out, err = run(capsys, "export", "mlp", "--out", str(tmp_path), "--batch-sizes", "1,5")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["model", "framework", "variant", "verdict", "worst/tol", "cases", "time"]
+    rows = [line.split() for line in lines[1:3]]
+    assert [tuple(r[:4]) for r in rows] == [("mlp", "torch", "fp32", "PASS"), ("mlp", "flax", "fp32", "PASS")]
+    assert all(r[4].endswith("x") and 0 < float(r[4][:-1]) < 1 and r[5] == "2" for r in rows)  # worst error / tolerance, cases
+    assert lines[-1].startswith("PASS: 2 bundles under") and "batch=5" not in out  # per-case tables only with -v
 
 
 def test_export_parity_failure_exits_1(capsys, tmp_path: Path) -> None:
@@ -348,7 +361,7 @@ def test_train_then_export_checkpoint(capsys, tmp_path: Path) -> None:
     code, out, err = run(capsys, "export", "mlp", "--checkpoint", str(ckpt), "--framework", "torch", "--batch-sizes", "1,3",
                          "--out", str(tmp_path / "o"))  # fmt: skip
     assert code == 0, err
-    assert "mlp (torch): PASS" in out
+    assert re.search(r"^mlp\s+torch\s+fp32\s+PASS\s", out, re.M), out  # its line in the summary table
     manifest = json.loads((tmp_path / "o" / "mlp" / "torch" / "manifest.json").read_text())
     assert manifest["checkpoint"]["format"] == "exporter-checkpoint"
     assert manifest["checkpoint"]["path"] == str((ckpt / "step-00000002").resolve())  # the step actually used

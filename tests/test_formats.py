@@ -70,6 +70,13 @@ def _make(fmt: str, tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
         return S.save_arrays(state["layer.weight"], tmp_path / "w.npy"), {"array": state["layer.weight"]}
     if fmt == "hf-sharded":
         return make_hf(tmp_path / "hf", {"a.safetensors": {"layer.weight": state["layer.weight"]}, "b.safetensors": {"layer.bias": state["layer.bias"]}}), state
+    if fmt == "dcp":  # torch.distributed.checkpoint.save in one process, the {"model": ...} layout
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        with pytest.warns(UserWarning, match="single process"):
+            dcp.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, checkpoint_id=str(tmp_path / "dcp"))
+        return tmp_path / "dcp", state
     assert fmt == "exporter-checkpoint"
     root = _write_checkpoint(tmp_path / "ckpt", state)
     return root, {k: v + 2 for k, v in state.items()}  # the newest step

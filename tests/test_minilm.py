@@ -158,6 +158,7 @@ def test_exports_have_dynamic_batch_and_seq(exports: dict[str, Path]) -> None:
         assert outputs == ("sentence_embedding", "last_hidden_state")
 
 
+@pytest.mark.slow
 def test_three_way_parity_over_batch_and_seq(runtimes: dict[str, Any]) -> None:
     """torch, flax and both exports in onnxruntime agree at every (batch, seq), padded."""
     pairs = [

@@ -12,6 +12,7 @@ from exporter import layouts, rebuild
 from exporter.models import registry
 from exporter.runtimes.jax import JaxRuntime
 from exporter.runtimes.torch import TorchRuntime
+from conftest import by_model
 
 NAMES = registry.names()
 
@@ -141,7 +142,7 @@ def test_torch_rebuild_gives_bit_identical_outputs(name: str) -> None:
         assert a[out].tobytes() == b[out].tobytes(), out
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", by_model(NAMES))
 def test_flax_rebuild_from_flax_init_gives_bit_identical_outputs(name: str) -> None:
     import jax
 
@@ -159,7 +160,7 @@ def test_flax_rebuild_from_flax_init_gives_bit_identical_outputs(name: str) -> N
 
 
 @pytest.mark.parametrize("framework", ["torch", "flax"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", by_model(NAMES))
 def test_init_state_is_seeded_and_complete(name: str, framework: str) -> None:
     spec = registry.get(name)
     a = rebuild.init_state(spec, seed=0, framework=framework)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTINS = {"mlp", "cnn", "transformer", "minilm"}
-JS_FILES = {"run_bundle.js", "tensorproto.js", "package.json", "package-lock.json"}
+JS_FILES = {"run_bundle.js", "tensorproto.js", "package.json", "package-lock.json", "browser/index.html", "browser/runner.js", "browser/driver.js"}
 
 # Run in a fresh interpreter whose path starts with foreign `models` and `runtimes` packages.
 SHADOW_CHECK = textwrap.dedent(
@@ -162,6 +162,8 @@ def test_wheel_installs_everything_under_exporter(tmp_path: Path) -> None:
         want = {f"exporter/{pkg}/{p.name}" for p in (REPO / repo_dir).glob("*.py")}
         got = {f for f in files if f.startswith(f"exporter/{pkg}/") and f.count("/") == 2 and f.endswith(".py")}
         assert got == want, pkg
+    ours = {f"exporter/{p.relative_to(REPO / 'exporter').as_posix()}" for p in (REPO / "exporter").rglob("*.py")}
+    assert ours <= files, sorted(ours - files)  # every subpackage of exporter/ (formats, variants, ...) ships
     assert {f for f in files if f.startswith("exporter/runtimes/js/")} == {f"exporter/runtimes/js/{n}" for n in JS_FILES}
     assert not any("node_modules" in f for f in files)
     assert "exporter/py.typed" in files

@@ -120,7 +120,7 @@ def test_all_models_tested(test_file):
 def test_unknown_model_list_is_capped():
     extra = [registry.register(_spec(f"cap_{i:02d}")) for i in range(30)]
     try:
-        with pytest.raises(UnknownModelError, match=r"known models: cap_00, cap_01, .* \.\.\. and \d+ more\.") as e:
+        with pytest.raises(UnknownModelError, match=r"known models: (bert, )?cap_00, cap_01, .* \.\.\. and \d+ more\.") as e:
             registry.get("nope")
         shown = str(e.value).split("known models: ", 1)[1].split(" ... ", 1)[0].split(", ")
         assert len(shown) == 20
@@ -137,7 +137,9 @@ def test_a_broken_builtin_propagates(monkeypatch):
 
 
 def test_builtin_modules_are_the_installed_package():
-    assert registry._BUILTIN_MODULES == tuple(f"exporter.models.{m}" for m in ("mlp", "cnn", "transformer", "minilm"))
+    assert registry._BUILTIN_MODULES == tuple(
+        f"exporter.models.{m}" for m in ("mlp", "cnn", "transformer", "bert", "minilm", "gpt2", "resnet")
+    )
     assert registry.get("mlp").torch_factory.__module__ == "exporter.models.mlp"
 
 

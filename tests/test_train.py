@@ -78,6 +78,7 @@ FLAX_CRASHES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "framework, steps, crashes",
     [("torch", 10, TORCH_CRASHES), ("flax", 6, FLAX_CRASHES)],

@@ -29,6 +29,7 @@ import numpy as np
 from exporter.errors import StateFileError, UsageError
 from exporter.formats import (
     _common,
+    dcp,
     exporter_checkpoint,
     hf_sharded,
     msgpack,
@@ -63,7 +64,7 @@ __all__ = [
 MODULES: Mapping[str, ModuleType] = MappingProxyType(
     {
         m.NAME: m
-        for m in (safetensors, torch_pt, npz, npy, msgpack, orbax, hf_sharded, exporter_checkpoint)
+        for m in (safetensors, torch_pt, npz, npy, msgpack, orbax, hf_sharded, exporter_checkpoint, dcp)
     }
 )
 FORMATS: tuple[str, ...] = tuple(MODULES)
@@ -76,6 +77,7 @@ FORMAT_DTYPES: Mapping[str, frozenset[str]] = MappingProxyType({n: m.DTYPES for 
 SNIFF_ORDER: tuple[str, ...] = (
     "exporter-checkpoint",
     "orbax",
+    "dcp",
     "npy",
     "safetensors",
     "torch",

@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from exporter import atomic
+from exporter import atomic, sharded
 from exporter.deps import require
 from exporter.errors import StateFileError
 from exporter.formats import _common as C
@@ -53,30 +52,10 @@ def sniff(src: C.Source) -> bool:
 
 def read(src: C.Source, *, digest: bool) -> C.Read:
     p = src.path
-    jax = require("jax", f"reading {p} (an orbax checkpoint)")
-    ocp = require("orbax.checkpoint", f"reading {p} (an orbax checkpoint)")
     out: dict[str, np.ndarray] = {}
     problems: list[str] = []
     for prefix, item in items(p):
-        try:
-            ckptr = ocp.PyTreeCheckpointer()
-            item = item.resolve()  # orbax misreads relative paths
-            meta = ckptr.metadata(item)
-            tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-
-            def restore_arg(m: Any) -> Any:
-                if type(m).__name__ == "ArrayMetadata":
-                    return ocp.RestoreArgs(restore_type=np.ndarray)
-                return ocp.RestoreArgs()
-
-            args = jax.tree_util.tree_map(restore_arg, tree)
-            restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=args))
-        except Exception as e:  # orbax/tensorstore errors on a damaged directory
-            raise StateFileError(
-                f"{item}: not a readable orbax checkpoint ({type(e).__name__}: {C.first_line(e)}); it is incomplete or "
-                "corrupt: re-save it (exporter.state.save_state(..., format='orbax'))"
-            ) from e
-        C.flatten_tree(restored, prefix, out, problems, C.array_leaf)
+        C.flatten_tree(sharded.read_orbax(item), prefix, out, problems, C.array_leaf)
     if problems:
         raise StateFileError.listing(f"{p}: inconsistent orbax tree", problems)
     if not digest:

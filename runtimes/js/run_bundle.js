@@ -22,8 +22,10 @@
  *
  * Tolerances (verify): an element passes when |c - r| <= atol + rtol * |r| (float64);
  * integer and bool outputs are compared exactly; NaN/Inf must match exactly.  atol/rtol
- * per output come from manifest.json ("tolerances": "per_output", then "defaults" by
- * dtype), then the built-in float defaults below; --atol / --rtol replace each half.
+ * per output come from manifest.json only ("tolerances": "per_output", then "defaults" by
+ * dtype): exporter writes every default there, so this program keeps no copy of its own
+ * that could drift.  --atol / --rtol replace each half; a directory without a manifest
+ * (or an output the manifest has no tolerance for) needs both.
  * This mirrors exporter.parity.compare; Python's `exporter verify --runtime node` does
  * not rely on it (it compares this runtime's raw outputs itself).
  *
@@ -38,13 +40,13 @@ const readline = require('readline');
 const tp = require('./tensorproto');
 
 const INSTALL = 'cd runtimes/js && npm ci --ignore-scripts   (or: npm install --ignore-scripts onnxruntime-node@1.30.0)';
-const DEFAULT_TOLERANCES = {
-  float64: { atol: 1e-10, rtol: 1e-8 },
-  float32: { atol: 1e-5, rtol: 1e-4 },
-  float16: { atol: 1e-3, rtol: 1e-2 },
-};
 // Smallest normal number per float dtype: the lowest floor of max_rel's denominator.
-const TINY = { float64: 2.2250738585072014e-308, float32: 1.1754943508222875e-38, float16: 6.103515625e-5 };
+const TINY = {
+  float64: 2.2250738585072014e-308,
+  float32: 1.1754943508222875e-38,
+  bfloat16: 1.1754943508222875e-38,
+  float16: 6.103515625e-5,
+};
 const EXACT = new Set(['int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32', 'uint64', 'bool']);
 
 class UsageError extends Error {}
@@ -305,8 +307,12 @@ function toleranceFor(manifest, opts) {
   const perOutput = tols.per_output || {};
   const defaults = tols.defaults || {};
   return (output, dtype) => {
-    const base = perOutput[output] || defaults[dtype] || DEFAULT_TOLERANCES[dtype];
-    if (!base) throw new UsageError(`no tolerance known for output '${output}' (${dtype}); pass --atol and --rtol`);
+    const base = perOutput[output] || defaults[dtype];
+    if (!base) {
+      if (opts.atol !== null && opts.rtol !== null) return { atol: opts.atol, rtol: opts.rtol };
+      const where = manifest ? 'manifest.json records no tolerance' : 'there is no manifest.json with tolerances';
+      throw new UsageError(`${where} for output '${output}' (${dtype}); pass --atol and --rtol`);
+    }
     return {
       atol: opts.atol === null ? Number(base.atol) : opts.atol,
       rtol: opts.rtol === null ? Number(base.rtol) : opts.rtol,

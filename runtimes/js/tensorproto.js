@@ -1,4 +1,3 @@
-'use strict';
 /**
  * A minimal ONNX TensorProto codec for the files `onnx.numpy_helper.from_array` writes
  * (ONNX model-zoo test data: input_<i>.pb / output_<i>.pb).
@@ -15,7 +14,17 @@
  * Anything else (float_data, int64_data, string_data, external_data, segment, ...) is
  * rejected with an error naming the field, the file and the fix; so are unknown data
  * types, truncated files and a raw_data length that does not match the dims.
+ *
+ * One file for Node.js and the browser (a UMD module): `require('./tensorproto')` in Node
+ * (run_bundle.js), `<script src="tensorproto.js">` in a page (window.tensorproto; the
+ * onnxruntime-web runner in browser/).  It uses only Uint8Array, TextEncoder and
+ * TextDecoder: `decode` takes a Uint8Array (a Node Buffer is one), `encode` returns one.
  */
+(function (root, factory) {
+  if (typeof module === 'object' && module.exports) module.exports = factory();
+  else root.tensorproto = factory();
+})(typeof self !== 'undefined' ? self : this, function () {
+'use strict';
 
 /** ONNX data_type -> [onnxruntime-node tensor type, typed array class, bytes per element]. */
 const DTYPES = {
@@ -53,6 +62,9 @@ const FIX = 'write test data with onnx.numpy_helper.from_array(array, name=...) 
 
 class TensorProtoError extends Error {}
 
+const UTF8_DECODER = new TextDecoder('utf-8');
+const UTF8_ENCODER = new TextEncoder();
+
 function readVarint(buf, pos, what, source) {
   let result = 0;
   let mul = 1;
@@ -86,7 +98,7 @@ function product(dims) {
 
 /**
  * Decode one serialized TensorProto.
- * @param {Buffer} buf the file's bytes
+ * @param {Uint8Array} buf the file's bytes (a Node Buffer is one)
  * @param {string} source the file name, for messages
  * @returns {{name: string, dims: number[], type: string, dataType: number, data: ArrayBufferView}}
  */
@@ -128,7 +140,7 @@ function decode(buf, source = '<buffer>') {
       }
       const bytes = buf.subarray(pos, pos + len);
       pos += len;
-      if (field === 8) name = bytes.toString('utf8');
+      if (field === 8) name = UTF8_DECODER.decode(bytes);
       else raw = bytes;
     } else {
       const label = FIELD_NAMES[field] || (field === 1 || field === 2 || field === 8 || field === 9 ? `field ${field} with wire type ${wire}` : `unknown field ${field}`);
@@ -174,13 +186,20 @@ function encode(name, type, dims, data) {
   }
   head.push(0x10); // field 2, varint
   writeVarint(head, code);
-  const nameBytes = Buffer.from(name, 'utf8');
+  const nameBytes = UTF8_ENCODER.encode(name);
   head.push(0x42); // field 8, length-delimited
   writeVarint(head, nameBytes.length);
-  const rawBytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  const rawBytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
   const rawHead = [0x4a]; // field 9, length-delimited
   writeVarint(rawHead, rawBytes.length);
-  return Buffer.concat([Buffer.from(head), nameBytes, Buffer.from(rawHead), rawBytes]);
+  const out = new Uint8Array(head.length + nameBytes.length + rawHead.length + rawBytes.length);
+  let at = 0;
+  for (const part of [head, nameBytes, rawHead, rawBytes]) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
 }
 
-module.exports = { decode, encode, TensorProtoError, DTYPES, CODE_OF };
+return { decode, encode, TensorProtoError, DTYPES, CODE_OF };
+});
