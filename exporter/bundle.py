@@ -469,7 +469,7 @@ def _integrity_check(label: str, reason: str) -> OutputCheck:
     )  # fmt: skip
 
 
-def _recorded_tolerances(manifest: Mapping[str, Any], root: Path) -> dict[str, dict[str, Tolerance]]:
+def recorded_tolerances(manifest: Mapping[str, Any], root: Path) -> dict[str, dict[str, Tolerance]]:
     """The manifest's ``tolerances`` table as Tolerance values (for ``parity.tolerance_for``).
 
     Raises:
@@ -498,9 +498,6 @@ def _recorded_tolerances(manifest: Mapping[str, Any], root: Path) -> dict[str, d
     if problems:
         raise BundleError.listing(f"bundle {str(root)!r}: the manifest's tolerances are malformed; re-export the bundle", problems)
     return out
-
-
-recorded_tolerances = _recorded_tolerances  # public for exporter.api.explain, which reads bundles too
 
 
 def verify(
@@ -545,7 +542,7 @@ def verify(
         raise UsageError(f"{str(bundle)!r} holds {len(d)} bundles; verify them one at a time (the CLI accepts a directory of bundles)")
     root = d[0]
     manifest = read_manifest(root)
-    tol = parity.tolerance_for(None, atol=atol, rtol=rtol, recorded=_recorded_tolerances(manifest, root))
+    tol = parity.tolerance_for(None, atol=atol, rtol=rtol, recorded=recorded_tolerances(manifest, root))
     problems = []
     onnx_file = root / str(manifest.get("onnx", {}).get("file", ONNX_FILE))
     if not onnx_file.is_file():

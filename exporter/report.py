@@ -279,21 +279,28 @@ def _case_errors(output: str, case: str, ref: np.ndarray, cand: np.ndarray, atol
     )
 
 
-def _tolerance(manifest: Mapping[str, Any], output: str, dtype: str) -> tuple[float, float]:
-    tols = manifest.get("tolerances") or {}
-    base = (tols.get("per_output") or {}).get(output) or (tols.get("defaults") or {}).get(dtype)
-    if base is None:
-        from exporter.models.registry import DEFAULT_TOLERANCES
+def _tolerances(root: Path, manifest: Mapping[str, Any]) -> Callable[[str, str], tuple[float, float]]:
+    """``(output, dtype) -> (atol, rtol)`` from the bundle's recorded tolerances (the verdict's own lookup)."""
+    from exporter import bundle, parity
 
-        t = DEFAULT_TOLERANCES.get(dtype)
-        return (0.0, 0.0) if t is None else (float(t.atol), float(t.rtol))
-    return float(base["atol"]), float(base["rtol"])
+    tol = parity.tolerance_for(None, recorded=bundle.recorded_tolerances(manifest, root))
+
+    def get(output: str, dtype: str) -> tuple[float, float]:
+        try:
+            t = tol(output, dtype)
+        except UsageError:  # a dtype with no known tolerance (uint8, ...): plotted as an exact comparison
+            return 0.0, 0.0
+        return float(t.atol), float(t.rtol)
+
+    return get
 
 
 def _rerun(root: Path, manifest: Mapping[str, Any]) -> tuple[list[CaseErrors], list[str]]:
     """Rerun the bundle's model.onnx in onnxruntime (the manifest's settings) on every data set."""
     from exporter.runtimes.base import load_runtime
     from exporter.testdata import read_test_data
+
+    tolerance = _tolerances(root, manifest)
 
     settings = manifest.get("onnxruntime") or {}
     kwargs: dict[str, Any] = {}
@@ -322,7 +329,7 @@ def _rerun(root: Path, manifest: Mapping[str, Any]) -> tuple[list[CaseErrors], l
                 continue
             for name, ref in expected.items():
                 if name in got:
-                    atol, rtol = _tolerance(manifest, name, str(ref.dtype))
+                    atol, rtol = tolerance(name, str(ref.dtype))
                     out.append(_case_errors(name, case, np.asarray(ref), np.asarray(got[name]), atol, rtol))
     finally:
         rt.close()

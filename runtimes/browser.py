@@ -104,28 +104,10 @@ def find_chromium() -> str:
     )
 
 
-def _module_dirs() -> list[Path]:
-    dirs = [JS_DIR / "node_modules"]
-    extra = os.environ.get("EXPORTER_NODE_MODULES")
-    if extra:
-        dirs.insert(0, Path(extra))
-    return dirs
-
-
 def _find_package(name: str) -> tuple[Path, str]:
-    for d in _module_dirs():
-        manifest = d / name / "package.json"
-        if manifest.is_file():
-            try:
-                version = str(json.loads(manifest.read_text(encoding="utf-8")).get("version", "?"))
-            except (OSError, ValueError):
-                version = "?"
-            return manifest.parent, version
-    looked = ", ".join(str(d) for d in _module_dirs())
-    raise MissingDependencyError(
-        f"runtime 'browser' needs the npm package {name} {PACKAGES[name]}, which is not installed (looked in {looked}); "
-        f"install it with: {NPM_INSTALL}"
-    )
+    from exporter.runtimes.node import find_npm_package
+
+    return find_npm_package(name, runtime="browser", version=PACKAGES[name], install=NPM_INSTALL)
 
 
 def check_available() -> dict[str, str]:

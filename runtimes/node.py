@@ -99,6 +99,28 @@ def _module_dirs() -> list[Path]:
     return dirs
 
 
+def find_npm_package(name: str, *, runtime: str, version: str, install: str) -> tuple[Path, str]:
+    """Where the npm package ``name`` is installed (``runtimes/js/node_modules``, or
+    ``$EXPORTER_NODE_MODULES`` first) and its version; shared by the node and browser runtimes.
+
+    Raises:
+        MissingDependencyError: not installed; names ``runtime``, the wanted ``version`` and the ``install`` command.
+    """
+    for d in _module_dirs():
+        manifest = d / name / "package.json"
+        if manifest.is_file():
+            try:
+                found = str(json.loads(manifest.read_text(encoding="utf-8")).get("version", "?"))
+            except (OSError, ValueError):
+                found = "?"
+            return manifest.parent, found
+    looked = ", ".join(str(d) for d in _module_dirs())
+    raise MissingDependencyError(
+        f"runtime {runtime!r} needs the npm package {name} {version}, which is not installed (looked in {looked}); "
+        f"install it with: {install}"
+    )
+
+
 def find_package() -> tuple[Path, str]:
     """Where ``onnxruntime-node`` is installed and its version.
 
@@ -108,19 +130,7 @@ def find_package() -> tuple[Path, str]:
     Raises:
         MissingDependencyError: the npm package is not installed (gives the npm command).
     """
-    for d in _module_dirs():
-        manifest = d / PACKAGE / "package.json"
-        if manifest.is_file():
-            try:
-                version = str(json.loads(manifest.read_text(encoding="utf-8")).get("version", "?"))
-            except (OSError, ValueError):
-                version = "?"
-            return manifest.parent, version
-    looked = ", ".join(str(d) for d in _module_dirs())
-    raise MissingDependencyError(
-        f"runtime 'node' needs the npm package {PACKAGE} {PACKAGE_VERSION}, which is not installed (looked in {looked}); "
-        f"install it with: {INSTALL_HINT}"
-    )
+    return find_npm_package(PACKAGE, runtime="node", version=PACKAGE_VERSION, install=INSTALL_HINT)
 
 
 def check_available() -> dict[str, str]:

@@ -196,7 +196,7 @@ def test_missing_chromium_names_the_install_command(tmp_path: Path, monkeypatch:
 
 
 def test_missing_npm_packages_name_the_npm_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(browser_rt, "JS_DIR", tmp_path / "no-node-modules-here")
+    monkeypatch.setattr("exporter.runtimes.node.NODE_DIR", tmp_path / "no-node-modules-here")
     monkeypatch.delenv("EXPORTER_NODE_MODULES", raising=False)
     monkeypatch.setattr("exporter.runtimes.node.find_node", lambda: "/usr/bin/node")
     with pytest.raises(MissingDependencyError, match=r"onnxruntime-web 1\.30\.0.*npm ci --ignore-scripts"):
