@@ -41,6 +41,7 @@ __all__ = [
     "RUNTIMES",
     "ALIASES",
     "check_arrays",
+    "check_threads",
     "load_runtime",
     "runtime_class",
     "spec_io",
@@ -90,6 +91,13 @@ class IOSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": None if self.shape is None else list(self.shape)}
+
+
+def check_threads(runtime: str, threads: Any, default: str = "the runtime's default") -> int | None:
+    """``threads`` itself when it is None or an int >= 1 (not a bool); else a typed UsageError."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise UsageError(f"runtime {runtime!r}: intra_op_threads must be a positive int or None ({default}), got {threads!r}")
+    return threads
 
 
 def check_arrays(specs: Sequence[IOSpec], arrays: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:

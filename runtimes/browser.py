@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from exporter.errors import MissingDependencyError, RunError, UsageError
-from exporter.runtimes.base import Runtime, onnx_io, onnx_path
+from exporter.runtimes.base import Runtime, check_threads, onnx_io, onnx_path
 
 __all__ = [
     "BrowserRuntime",
@@ -275,13 +275,7 @@ class BrowserRuntime(Runtime):
 
         self.path = onnx_path(path, self.name)
         self.source = self.path
-        if intra_op_threads is not None and (
-            not isinstance(intra_op_threads, int) or isinstance(intra_op_threads, bool) or intra_op_threads < 1
-        ):
-            raise UsageError(
-                f"runtime 'browser': intra_op_threads must be a positive int or None (default 1), got {intra_op_threads!r}"
-            )
-        self.threads = intra_op_threads or 1
+        self.threads = check_threads(self.name, intra_op_threads, "default 1") or 1
         self.timeout = float(timeout)
         self.available = check_available()
         try:

@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from exporter.errors import MissingDependencyError, RunError, UsageError
-from exporter.runtimes.base import Runtime, onnx_io, onnx_path
+from exporter.runtimes.base import Runtime, check_threads, onnx_io, onnx_path
 from exporter.testdata import read_tensors, write_tensors
 
 __all__ = [
@@ -213,11 +213,7 @@ class NodeRuntime(Runtime):
 
         self.path = onnx_path(path, self.name)
         self.source = self.path
-        if intra_op_threads is not None and (not isinstance(intra_op_threads, int) or intra_op_threads < 1):
-            raise UsageError(
-                f"runtime 'node': intra_op_threads must be a positive int or None (default), got {intra_op_threads!r}"
-            )
-        self.intra_op_threads = intra_op_threads
+        self.intra_op_threads = check_threads(self.name, intra_op_threads)
         self.timeout = float(timeout)
         self.available = check_available()
         try:

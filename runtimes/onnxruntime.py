@@ -31,7 +31,7 @@ import numpy as np
 
 from exporter.deps import require
 from exporter.errors import RunError, UsageError
-from exporter.runtimes.base import IOSpec, Runtime, onnx_path
+from exporter.runtimes.base import IOSpec, Runtime, check_threads, onnx_path
 
 __all__ = ["OnnxRuntime", "OPTIMIZATION_LEVELS", "ORT_DTYPES"]
 
@@ -126,10 +126,7 @@ class OnnxRuntime(Runtime):
                 f"runtime 'onnxruntime': unknown graph_optimization_level {graph_optimization_level!r}; "
                 f"use one of {', '.join(OPTIMIZATION_LEVELS)}"
             )
-        if intra_op_threads is not None and (not isinstance(intra_op_threads, int) or intra_op_threads < 1):
-            raise UsageError(
-                f"runtime 'onnxruntime': intra_op_threads must be a positive int or None (default), got {intra_op_threads!r}"
-            )
+        check_threads(self.name, intra_op_threads)
         if prepacking is not None and not isinstance(prepacking, bool):
             raise UsageError(f"runtime 'onnxruntime': prepacking must be True, False or None (automatic), got {prepacking!r}")
         self.intra_op_threads = intra_op_threads

@@ -38,7 +38,7 @@ import numpy as np
 
 from exporter.deps import missing
 from exporter.errors import RunError, UsageError
-from exporter.runtimes.base import Runtime, onnx_io, onnx_path
+from exporter.runtimes.base import Runtime, check_threads, onnx_io, onnx_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.parity import OutputCheck
@@ -145,11 +145,7 @@ class OpenVinoRuntime(Runtime):
         self.path = onnx_path(path, self.name)
         self.source = self.path
         pinned = _check_options(options)
-        if intra_op_threads is not None:
-            if not isinstance(intra_op_threads, int) or isinstance(intra_op_threads, bool) or intra_op_threads < 1:
-                raise UsageError(
-                    f"runtime 'openvino': intra_op_threads must be a positive int or None (default), got {intra_op_threads!r}"
-                )
+        if check_threads(self.name, intra_op_threads) is not None:
             pinned.setdefault("INFERENCE_NUM_THREADS", str(intra_op_threads))
         self.options: dict[str, str] = pinned
         ov = _ov()
