@@ -11,8 +11,14 @@ median and spread reported):
     P3  export + parity sweep, whole registry      vs  bare torch.onnx/jax2onnx + ort  <= 1.2x
     P4  onnxruntime latency, batch 1 and 32        vs  torch eager, jax.jit            <= 1.0x
     P5  training checkpoint save (fsync) / load    vs  raw write+fsync / raw read      >= 0.8x
+        (strict rows: load vs readinto into the same kind of buffer as ours)
     P6  export of a >= 2.5 GB model (external data) peak RSS vs model bytes            <= 2.0x
     P7  export from a 2-rank sharded DCP checkpoint peak RSS vs model bytes           <= 1.3x
+    P8  `export minilm --checkpoint` (full sweep)   vs  optimum-cli export onnx (same dir) <= 1.0x
+        (skipped, with the install command, when optimum-onnx's own venv is absent)
+    P9  second `export --all`, nothing changed     vs  the first `export --all`        <= 0.05x
+        `export --all --force --jobs 2`            vs  the same with --jobs 1          <= 0.75x
+        peak RSS of the largest --jobs 2 process   vs  the --jobs 1 process            <= 1.1x
 
 Writes ``results.json`` and ``results.md`` (atomically) into ``--out`` (default: this
 directory) and prints which targets are met.  ``--quick`` uses small sizes and fewer
@@ -51,6 +57,8 @@ GROUPS: dict[str, str] = {
     "P5": "benchmarks.p5_checkpoint",
     "P6": "benchmarks.p6_large_export",
     "P7": "benchmarks.p7_sharded_export",
+    "P8": "benchmarks.p8_optimum",
+    "P9": "benchmarks.p9_pipeline",
 }
 TITLES = {
     "P1": "CLI start-up",
@@ -60,6 +68,8 @@ TITLES = {
     "P5": "training checkpoint save and load",
     "P6": "export of a >= 2.5 GB model",
     "P7": "export from a sharded DCP checkpoint",
+    "P8": "single-model export vs optimum-cli",
+    "P9": "release pipeline: incremental re-run, --jobs 2 vs 1",
 }
 NOISY_LOAD = 1.5
 RESULTS_FORMAT = "exporter-benchmarks"
@@ -121,7 +131,10 @@ def run_group(gid: str, cfg: Config) -> dict[str, Any]:
         got = importlib.import_module(GROUPS[gid]).run(cfg)  # a list of figures, or {"figures", "notes"}
         result["figures"] = got["figures"] if isinstance(got, dict) else got
         result["notes"] = list(got.get("notes", [])) if isinstance(got, dict) else []
+        result["skipped"] = got.get("skipped") if isinstance(got, dict) else None
         result["error"] = None
+        if result["skipped"]:
+            cfg.log(f"{gid}: skipped: {result['skipped']}")
     except Exception as e:  # one group failing must not lose the others
         result["figures"] = []
         result["error"] = f"{type(e).__name__}: {e}"
@@ -169,6 +182,8 @@ def markdown(doc: dict[str, Any]) -> str:
             )
         if g.get("error"):
             lines.append(f"| {g['group']} | {g['title']} | | | | | **error** |")
+        if g.get("skipped"):
+            lines.append(f"| {g['group']} | {g['title']} | | | | | skipped |")
     lines.append("")
     for gid, g in doc["groups"].items():
         load = f"load average before {g['load_average_before']}, after {g['load_average_after']}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from exporter import atomic
-from exporter.errors import ExporterError, StateMismatchError, UnknownModelError, UsageError
+from exporter.errors import ExporterError, ExportError, StateMismatchError, UnknownModelError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.bundle import BundleResult
@@ -248,6 +249,9 @@ class ExportReport:
         passed = sum(r.ok for r in self.results)
         failed = len(self.results) - passed
         parts = [f"{passed} passed", f"{failed} failed parity"]
+        fresh = sum(r.up_to_date for r in self.results)
+        if fresh:
+            parts.append(f"{fresh} up to date (not rebuilt)")
         if self.errors:
             parts.append(f"{len(self.errors)} could not be exported")
         made = [v for r in self.results for v in r.variants]
@@ -587,6 +591,8 @@ def export(
     explain_failures: bool = True,
     variants: str | Sequence[str] | None = None,
     variant_options: Mapping[str, Mapping[str, Any]] | None = None,
+    force: bool = False,
+    jobs: int = 1,
 ) -> ExportReport:
     """Rebuild, export to ONNX and check parity; one bundle per (model, framework) under ``out``.
 
@@ -630,6 +636,13 @@ def export(
             judged against the framework's outputs (``exporter.variants``).
         variant_options: variant -> options (``{"int8": {"mode": "static"}}``; see each
             ``exporter.variants.<name>.DEFAULT_OPTIONS``).
+        force: rebuild every bundle.  By default a bundle that is up to date (made from
+            the same checkpoint, model definition, config, options and library versions,
+            passing, with its files as written: ``exporter.incremental``) is not rebuilt;
+            its result is read back (``BundleResult.up_to_date``).
+        jobs: worker processes (default 1: this process).  With more, models are exported
+            in parallel, one model per worker at a time; the report's order and exit code
+            are a serial run's.  Models registered in ``__main__`` need ``jobs=1``.
 
     Returns:
         An :class:`ExportReport`; ``bool(report)`` is the verdict.
@@ -638,50 +651,233 @@ def export(
         UnknownModelError, UsageError, StateFileError, StateMismatchError: bad input.
         ExportError, MissingDependencyError: when a single bundle is exported.
     """
-    from exporter import bundle
-
     plans = plan_export(
         model, all_models=all_models, checkpoint=checkpoint, framework=framework, out=out, opset=opset,
         batch_sizes=batch_sizes, dims=dims, rename=rename, atol=atol, rtol=rtol, inputs=inputs, seed=seed,
         external_data=external_data, intra_op_threads=intra_op_threads, config=config,
         variants=variants, variant_options=variant_options,
     )  # fmt: skip
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UsageError(f"jobs must be a positive int (worker processes), got {jobs!r}")
     total = sum(len(p.frameworks) for p in plans)
     single = total == 1
-    say = progress if progress is not None and not single else (lambda line: None)
-    results: list[BundleResult] = []
+    steps = _Steps(progress if progress is not None and not single else None, total)
+    if jobs > 1 and len(plans) > 1:
+        request = dict(
+            model=model, all_models=all_models, checkpoint=checkpoint, framework=framework, out=out, opset=opset,
+            batch_sizes=batch_sizes, dims=dims, rename=rename, atol=atol, rtol=rtol, inputs=inputs, seed=seed,
+            external_data=external_data, intra_op_threads=intra_op_threads, config=config,
+            variants=variants, variant_options=variant_options,
+        )  # fmt: skip
+        per_plan = _export_parallel(plans, request, jobs, steps, force=force, explain_failures=explain_failures)
+    else:
+        per_plan = [_export_plan(p, steps, single=single, force=force, explain_failures=explain_failures) for p in plans]
+    results = tuple(r for rs, _ in per_plan for r in rs)
+    errors = tuple(e for _, es in per_plan for e in es)
+    return ExportReport(out=Path(out), results=results, errors=errors)
+
+
+class _Steps:
+    """Numbered progress lines: ``[k/total] model (framework): exporting ...`` when a bundle
+    starts and ``... PASS (2.1 s)`` when it ends (k counts started and finished bundles
+    separately, so lines from parallel workers number correctly)."""
+
+    def __init__(self, say: Callable[[str], None] | None, total: int) -> None:
+        self.say = say
+        self.total = total
+        self.started = 0
+        self.done = 0
+
+    def start(self, model: str, framework: str, why: Sequence[str] = ()) -> None:
+        self.started += 1
+        if self.say is not None:
+            because = f" ({'; '.join(why)})" if why else ""
+            self.say(f"[{self.started}/{self.total}] {model} ({framework}): exporting{because} ...")
+
+    def finish(self, model: str, framework: str, text: str) -> None:
+        self.done += 1
+        if self.say is not None:
+            self.say(f"[{self.done}/{self.total}] {model} ({framework}): {text}")
+
+
+def _check_plan(plan: ExportPlan, force: bool) -> list[tuple[str, BundleResult | None, tuple[str, ...]]]:
+    """``(framework, the bundle read back when it is up to date, why it must be built)``
+    for each of the plan's frameworks (``exporter.incremental``)."""
+    from exporter import incremental
+
+    checkpoint = None if force else incremental.checkpoint_sha256(plan)
+    return [(fw, *incremental.check(plan, fw, checkpoint, force=force)) for fw in plan.frameworks]
+
+
+def _export_plan(
+    plan: ExportPlan,
+    steps: _Steps,
+    *,
+    single: bool,
+    force: bool,
+    explain_failures: bool,
+    checked: Sequence[tuple[str, BundleResult | None, tuple[str, ...]]] | None = None,
+) -> tuple[list[BundleResult], list[ExportFailure]]:
+    """One model's bundles, in ``plan.frameworks`` order: those up to date read back from
+    disk (``exporter.incremental``; ``checked``: already checked), the others built from
+    the model's state, read once for all of them."""
+    from dataclasses import replace
+
+    from exporter import bundle
+
+    spec = plan.spec
+    results: dict[str, BundleResult] = {}
     errors: list[ExportFailure] = []
-    k = 0
 
-    def failed(spec: ModelSpec, fws: Sequence[str], e: ExporterError) -> None:
+    def failed(fws: Sequence[str], e: ExporterError) -> None:
         errors.extend(ExportFailure.of(spec.name, fw, e) for fw in fws)
-        say(f"[{k}/{total}] {spec.name}{'' if len(fws) > 1 else f' ({fws[0]})'}: ERROR {type(e).__name__}: {str(e).splitlines()[0]}")
+        for fw in fws:
+            steps.finish(spec.name, fw, f"ERROR {type(e).__name__}: {str(e).splitlines()[0]}")
 
-    for plan in plans:
-        spec = plan.spec
-        try:
-            with _state_source(plan) as source:
-                for i, fw in enumerate(plan.frameworks):
-                    k += 1
-                    say(f"[{k}/{total}] {spec.name} ({fw}): exporting ...")
+    stale: list[tuple[str, tuple[str, ...]]] = []
+    try:
+        for fw, fresh, why in _check_plan(plan, force) if checked is None else checked:
+            if fresh is None:
+                stale.append((fw, why))
+                continue
+            results[fw] = fresh
+            steps.started += 1  # one line, when it is done
+            steps.finish(spec.name, fw, f"{'PASS' if fresh.ok else 'FAIL'}, up to date ({fresh.seconds['total']:.1f} s)")
+        if stale:
+            with _state_source(plan) as source, contextlib.ExitStack() as cleanup:
+                cleanup.callback(bundle.drop_prefetched, source)
+                for i, (fw, why) in enumerate(stale):
+                    steps.start(spec.name, fw, why)
                     t = time.perf_counter()
                     try:
-                        r = bundle.build(plan, fw, source, release=i + 1 == len(plan.frameworks))
+                        r = bundle.build(plan, fw, source, release=i + 1 == len(stale))
                     except ExporterError as e:
                         if single:
                             raise
-                        failed(spec, [fw], e)
+                        failed([fw], e)
                         continue
                     if not r.ok and explain_failures:
                         r = _explain_failure(r, plan)
-                    results.append(r)
-                    say(f"[{k}/{total}] {spec.name} ({fw}): {'PASS' if r.ok else 'FAIL'} ({time.perf_counter() - t:.1f} s)")
-        except ExporterError as e:  # the state itself: nothing of this model was exported
-            if single or plan.checkpoint is not None:
-                raise
-            k += len(plan.frameworks)
-            failed(spec, plan.frameworks, e)
-    return ExportReport(out=Path(out), results=tuple(results), errors=tuple(errors))
+                    results[fw] = replace(r, rebuilt_because=tuple(why))
+                    steps.finish(spec.name, fw, f"{'PASS' if r.ok else 'FAIL'} ({time.perf_counter() - t:.1f} s)")
+    except ExporterError as e:  # the state itself: nothing more of this model was exported
+        if single or plan.checkpoint is not None:
+            raise
+        failed([fw for fw in plan.frameworks if fw not in results and not any(f.framework == fw for f in errors)], e)
+    return [results[fw] for fw in plan.frameworks if fw in results], errors
+
+
+# --------------------------------------------------------------------------- parallel export
+_WORKER: dict[str, Any] = {}  # in a worker process: its progress queue and the request's plans
+
+
+def _worker_init(plugins: Sequence[str], queue: Any, threads: int) -> None:
+    """A worker's start: its share of the cores for torch and XLA (unless the user set
+    them; before either is imported), the user's registry modules, the progress queue."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} intra_op_parallelism_threads={threads}")
+    from exporter.models.registry import load_plugins
+
+    load_plugins(list(plugins))
+    _WORKER["queue"] = queue
+
+
+def _worker_export(request: Mapping[str, Any], index: int, force: bool, explain_failures: bool) -> dict[str, Any]:
+    """In a worker: plan the whole request again (the same plans as the parent's: the same
+    validation, sweep and seeds) and export plan ``index``; the result as a dict."""
+    key = repr(sorted(request.items()))
+    if _WORKER.get("key") != key:
+        _WORKER["plans"], _WORKER["key"] = plan_export(**request), key
+    queue = _WORKER["queue"]
+    steps = _Steps(queue.put, 0)
+    results, errors = _export_plan(_WORKER["plans"][index], steps, single=False, force=force, explain_failures=explain_failures)
+    return ExportReport(out=Path(request["out"]), results=tuple(results), errors=tuple(errors)).to_dict()
+
+
+_LINE = re.compile(r"^\[\d+/\d+\] (.*) \((torch|flax)\): (.*)$")
+
+
+def _export_parallel(
+    plans: Sequence[ExportPlan], request: Mapping[str, Any], jobs: int, steps: _Steps, *, force: bool, explain_failures: bool
+) -> list[tuple[list[BundleResult], list[ExportFailure]]]:
+    """:func:`_export_plan` of every plan in ``jobs`` worker processes, results in plan order.
+
+    Workers are spawned (not forked) and take one model at a time, so a worker holds at
+    most the two frameworks and one model's weights.  Models whose bundles are all up to
+    date are read back here, without a worker; the others go to the workers longest
+    first (by the seconds their bundles took last time).  When a worker dies (killed, out
+    of memory), the models it may have held are exported again one at a time, each in a
+    fresh process: the one that dies again is an ``ExportError`` in the report.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import threading
+
+    from exporter import incremental
+    from exporter.models import registry
+
+    out: list[tuple[list[BundleResult], list[ExportFailure]] | None] = [None] * len(plans)
+    todo = []
+    for i, plan in enumerate(plans):
+        checked = None if force else _check_plan(plan, force)
+        if checked is not None and all(fresh is not None for _, fresh, _ in checked):
+            out[i] = _export_plan(plan, steps, single=False, force=False, explain_failures=explain_failures, checked=checked)
+        else:
+            todo.append(i)
+    if not todo:
+        return [o for o in out if o is not None]
+    in_main = sorted({plans[i].spec.name for i in todo if registry.origin(plans[i].spec.name) == "__main__"})
+    if in_main:
+        raise UsageError(
+            f"jobs={jobs} exports in worker processes, which cannot import models registered in __main__ "
+            f"({', '.join(in_main)}); register them in an importable module (--registry MODULE) or use jobs=1"
+        )
+    todo.sort(key=lambda i: -incremental.previous_seconds(plans[i]))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+
+    def relay() -> None:  # the workers' progress lines, numbered here
+        while (line := queue.get()) is not None:
+            m = _LINE.match(line)
+            if m is None:
+                continue
+            name, fw, text = m.groups()
+            if text.startswith("exporting"):
+                why = text[len("exporting (") : -len(") ...")] if text.startswith("exporting (") else ""
+                steps.start(name, fw, [why] if why else [])
+            else:
+                steps.finish(name, fw, text)
+
+    def run(indexes: Sequence[int], workers: int) -> list[int]:
+        """Export ``indexes`` in one pool; those whose worker pool broke are returned."""
+        broken = []
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(plugins, queue, threads)) as pool:
+            futures = {pool.submit(_worker_export, request, i, force, explain_failures): i for i in indexes}
+            for fut in cf.as_completed(futures):
+                try:
+                    got = ExportReport.from_dict(fut.result())
+                except cf.process.BrokenProcessPool:
+                    broken.append(futures[fut])
+                    continue
+                out[futures[fut]] = (list(got.results), list(got.errors))
+        return broken
+
+    plugins = registry.plugins()
+    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // jobs)
+    reader = threading.Thread(target=relay, name="exporter-progress", daemon=True)
+    reader.start()
+    try:
+        for i in run(todo, min(jobs, len(todo))):
+            if run([i], 1):
+                name = plans[i].spec.name
+                died = ExportError(f"model {name!r}: its worker process died while exporting it (killed, or out of memory?); rerun it alone")
+                out[i] = ([], [ExportFailure.of(name, fw, died) for fw in plans[i].frameworks])
+                for fw in plans[i].frameworks:
+                    steps.finish(name, fw, f"ERROR ExportError: {died}")
+    finally:
+        queue.put(None)
+        reader.join(timeout=10)
+    return [o if o is not None else ([], []) for o in out]
 
 
 def _explain_failure(r: BundleResult, plan: ExportPlan) -> BundleResult:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exporter import atomic, generation, testdata
+from exporter import atomic, generation, provenance, testdata
 from exporter.errors import BundleError, ExportError, RunError, UsageError
 from exporter.hashing import sha256_file  # also reachable as bundle.sha256_file (tests/test_node.py uses it)
 
@@ -107,6 +107,9 @@ class BundleResult:
         variant: ``"fp32"``: the plain export (its variants are in ``variants``).
         variants: the optimized / fp16 / int8 bundles made of it (``exporter.variants``);
             ``to_dict`` leaves them out: ``ExportReport`` lists each as a result of its own.
+        up_to_date: the bundle on disk was made from the same inputs and its files verify,
+            so it was not rebuilt (``exporter.incremental``); ``seconds`` is the check's.
+        rebuilt_because: why it was (re)built: no bundle yet, what changed, ``--force``.
     """
 
     model: str
@@ -124,6 +127,8 @@ class BundleResult:
     explain: ExplainReport | None = None
     variant: str = "fp32"
     variants: tuple[VariantResult, ...] = ()
+    up_to_date: bool = False
+    rebuilt_because: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -135,7 +140,7 @@ class BundleResult:
 
     def headline(self) -> str:
         """``"mlp (torch): PASS -> out/mlp/torch  [torch.onnx.dynamo, opset 20, 3.2 s]"``."""
-        verdict = "PASS" if self.ok else "FAIL"
+        verdict = ("PASS" if self.ok else "FAIL") + (" (up to date, not rebuilt)" if self.up_to_date else "")
         extra = f", fallback: {self.fallback_reason}" if self.fallback_reason else ""
         return (
             f"{self.model} ({self.framework}): {verdict} -> {self.path}  "
@@ -163,6 +168,8 @@ class BundleResult:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "warnings": list(self.warnings),
             "variant": self.variant,
+            "up_to_date": self.up_to_date,
+            "rebuilt_because": list(self.rebuilt_because),
             "parity": self.parity.to_dict(),
             "explain": None if self.explain is None else self.explain.to_dict(),
         }
@@ -187,6 +194,8 @@ class BundleResult:
             seconds={k: float(v) for k, v in d.get("seconds", {}).items()},
             warnings=tuple(d.get("warnings", ())),
             explain=None if d.get("explain") is None else ExplainReport.from_dict(d["explain"]),
+            up_to_date=bool(d.get("up_to_date", False)),
+            rebuilt_because=tuple(d.get("rebuilt_because", ())),
         )
 
 
@@ -265,6 +274,40 @@ def _framework_model(spec: ModelSpec, framework: str, canonical: Mapping[str, np
     return variables, JaxRuntime.from_variables(spec, variables)
 
 
+# The flax reference of a model, built and lowered while its torch bundle runs and compiled
+# in background threads during the torch export (torch.export is single-threaded Python;
+# XLA compiles release the GIL), then taken by the flax bundle of the same plan and source.
+# Only for weights up to _COLLECT_ABOVE (the flax copy of the weights is held meanwhile).
+_PREFETCH: dict[int, tuple[Any, Any, tuple[Any, Runtime]]] = {}
+
+
+def _prefetch_flax(plan: ExportPlan, source: StateSource) -> None:
+    """Build the flax reference and start the compiles of its sweep (not waited for).  Any
+    failure is left to the flax bundle, which builds it again and reports it there."""
+    try:
+        built, reference = _framework_model(plan.spec, "flax", source.canonical)
+        reference.prepare([feed for _label, _dims, feed in plan.runs], wait=False)
+    except Exception:  # noqa: BLE001 - reported by the flax bundle itself (same call, same error)
+        return
+    _PREFETCH[id(source)] = (plan, source, (built, reference))
+
+
+def drop_prefetched(source: StateSource) -> None:
+    """Forget a flax reference prefetched for ``source`` that no bundle took (its flax
+    bundle was not built: the model's export stopped early)."""
+    entry = _PREFETCH.pop(id(source), None)
+    if entry is not None:
+        entry[2][1].close()
+
+
+def _flax_model(plan: ExportPlan, source: StateSource) -> tuple[Any, Runtime]:
+    """The prefetched flax build of this plan and source, else built now."""
+    entry = _PREFETCH.pop(id(source), None)
+    if entry is not None and entry[0] is plan and entry[1] is source:
+        return entry[2]
+    return _framework_model(plan.spec, "flax", source.canonical)
+
+
 def _load_export(path: Path, plan: ExportPlan, exported: OnnxExport) -> Runtime:
     """onnxruntime on the model just exported; a file it cannot load is an export failure."""
     from exporter.runtimes.onnxruntime import OnnxRuntime
@@ -327,11 +370,21 @@ def build(plan: ExportPlan, framework: str, source: StateSource, *, release: boo
 
         # 1. rebuild; the reference outputs of every case
         t = time.perf_counter()
-        built, reference = _framework_model(spec, framework, source.canonical)
+        if framework == "flax":
+            built, reference = _flax_model(plan, source)
+        else:
+            built, reference = _framework_model(spec, framework, source.canonical)
+        reference.prepare([feed for _label, _dims, feed in plan.runs])  # jax: the sweep's compiles, in parallel
         expected = [reference.run(feed) for _label, _dims, feed in plan.runs]
         # a decoder: the reference's greedy runs for generation parity (exporter.generation)
         gen = generation.bundle_stage(spec, reference, plan.tolerance, plan.seed)
         seconds["reference"] = time.perf_counter() - t
+        # The flax bundle of this source comes next: build its reference now and compile it while
+        # torch exports (after the torch reference runs: XLA threads beside torch's OpenMP ones
+        # slow both; the Python part here, not in a thread beside torch.export's Python).
+        if framework == "torch" and not release and "flax" in plan.frameworks and (os.cpu_count() or 1) > 1 \
+                and sum(int(a.nbytes) for a in source.canonical.values()) <= _COLLECT_ABOVE:
+            _prefetch_flax(plan, source)
         out_dtypes = {o: str(expected[0][o].dtype) for o in spec.outputs}
         per_output = {o: plan.tolerance(o, dt).to_dict() for o, dt in out_dtypes.items()}
 
@@ -391,11 +444,13 @@ def build(plan: ExportPlan, framework: str, source: StateSource, *, release: boo
             extra["config"] = dict(plan.config)
         (tmp / PARITY_JSON).write_text(report.to_json(), encoding="utf-8")
         (tmp / PARITY_JUNIT).write_text(report.to_junit_xml(), encoding="utf-8")
-        onnx_sha = sha256_file(onnx_path)
-        onnx_info: dict[str, Any] = {"file": ONNX_FILE, "sha256": onnx_sha, "bytes": onnx_path.stat().st_size, "external_data": None}
+        files = provenance.file_table(tmp)  # every file but the manifest (incremental exports check them)
+        onnx_sha = files[ONNX_FILE]["sha256"]
+        onnx_info: dict[str, Any] = {"file": ONNX_FILE, "sha256": onnx_sha, "bytes": files[ONNX_FILE]["bytes"], "external_data": None}
         if exported.external_data:
-            data = tmp / onnx_export.EXTERNAL_DATA_NAME
-            onnx_info["external_data"] = {"file": data.name, "sha256": sha256_file(data), "bytes": data.stat().st_size}
+            data = onnx_export.EXTERNAL_DATA_NAME
+            onnx_info["external_data"] = {"file": data, "sha256": files[data]["sha256"], "bytes": files[data]["bytes"]}
+        ckpt_sha = None if ckpt.get("seeded") else str(ckpt["sha256"])
         seconds["total"] = time.perf_counter() - t0
         manifest = {
             "format": BUNDLE_FORMAT,
@@ -432,6 +487,8 @@ def build(plan: ExportPlan, framework: str, source: StateSource, *, release: boo
             },
             "onnxruntime": session,
             "versions": metadata["versions"],
+            provenance.RECORD_KEY: provenance.record(plan, framework, ckpt_sha),
+            provenance.FILES_KEY: files,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "created": _utc_now(),
         }
@@ -440,7 +497,7 @@ def build(plan: ExportPlan, framework: str, source: StateSource, *, release: boo
     if plan.variants:  # judged against `expected`, the framework's outputs (exporter.variants.publish)
         from exporter.variants.publish import build_variants
 
-        made = build_variants(plan, framework, final, expected, reference=reference_name)
+        made = build_variants(plan, framework, final, expected, reference=reference_name, checkpoint_sha256=ckpt_sha)
     return BundleResult(
         model=spec.name,
         framework=framework,

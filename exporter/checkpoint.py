@@ -11,9 +11,9 @@ A checkpoint directory (``--ckpt-dir``) holds one sub-directory per committed st
         rng.safetensors            RNG tensors (torch CPU/CUDA state, JAX key, data order)
         state.json                 everything else: step, data position, RNG states, the
                                    optimizer/scheduler structure with tensor references
-        manifest.json              written last: format, model, framework, step, size and
-                                   sha256 of every file, dtype/shape/sha256 of every tensor,
-                                   and a sha256 of the manifest itself
+        manifest.json              written last: format, the hash algorithm, model, framework,
+                                   step, size and digest of every file, dtype/shape/digest of
+                                   every tensor, and a digest of the manifest itself
       step-00000030/ ...
       .tmp-step-00000040.x1y2/     a write in progress (or a crash's leftover; removed on resume)
 
@@ -27,10 +27,24 @@ mid-write (ENOSPC) removes the partial directory.  Either way the previous check
 untouched.  Retention (keep the last N, and optionally every K-th
 step) runs only after the new checkpoint is committed and never removes it.
 
+Hashes (``format_version`` 3): the manifest names its algorithm, ``"hash": "blake3"``,
+and every digest in it is keyed by that name: ``files[name] = {"bytes", "blake3"}``,
+``tensors[file][tensor] = {"dtype", "shape", "blake3"}`` and the self-hash
+``manifest_blake3`` (BLAKE3 of the compact, key-sorted JSON of every other field); a file's
+digest is what ``b3sum`` prints for it.  BLAKE3 is a cryptographic hash that runs several
+times faster than sha256, so checking every byte keeps up with the disk.  Digests are
+computed while the bytes are written (:mod:`exporter.streamio`: each piece is hashed on its
+way from the arrays to the file, the file is never read back), and on load while the bytes
+are read (one buffer per file, hashed on a thread as it fills; the tensors are views of
+it).  Format versions 1 (single process) and 2 (sharded), written by exporter before it
+named its hash, use sha256 under the same keys (``"sha256"``, ``manifest_sha256``) and no
+``"hash"`` entry; they still load and verify.  Version 3 covers both kinds of step: its
+``layout`` is ``"files"`` for a single-process step, ``"dcp"``/``"orbax"`` for a sharded one.
+
 A checkpoint is *valid* when its manifest parses, its self-hash matches, and every file and
-every tensor matches its recorded size/dtype/shape/sha256.  Loading checks every file's
-sha256 (which covers every tensor byte) and each tensor's dtype/shape; the per-tensor
-hashes are computed when a file's hash fails, to name the damaged tensors, and always by
+every tensor matches its recorded size/dtype/shape/digest.  Loading checks every file's
+digest (which covers every tensor byte) and each tensor's dtype/shape; the per-tensor
+digests are computed when a file's digest fails, to name the damaged tensors, and always by
 :func:`verify_checkpoint`.  Loading a checkpoint directory
 uses the newest valid step and warns (:class:`CheckpointWarning`) about each newer one that
 is corrupt or partial, naming it and why; loading a step directory explicitly raises
@@ -41,9 +55,10 @@ No pickle anywhere: tensors go to safetensors and everything else to JSON.  Nest
 RNG states are captured by :mod:`exporter.rng`, and :mod:`exporter.lock` keeps a second
 writer out of the directory.
 
-Sharded steps (``format_version`` 2, written by distributed training: :mod:`exporter.distributed`
-for torch DDP/FSDP ranks, :mod:`exporter.flax_mesh` for JAX devices) keep the same names and
-promises; the engines write the tensors and exporter adds the completion protocol::
+Sharded steps (``layout`` ``"dcp"`` or ``"orbax"``; ``format_version`` 2 before hashes were
+named), written by distributed training (:mod:`exporter.distributed` for torch DDP/FSDP
+ranks, :mod:`exporter.flax_mesh` for JAX devices), keep the same names and promises; the
+engines write the tensors and exporter adds the completion protocol::
 
     step-00000020/
       dcp/shard-0000K-....safetensors   layout "dcp": model + optimizer tensors, one file per rank
@@ -52,16 +67,18 @@ promises; the engines write the tensors and exporter adds the completion protoco
       model/, optimizer/                layout "orbax": orbax items of sharded jax arrays
       rank-00000.json/.safetensors      per rank: RNG states and data position
       state.json                        step, config, loss, optimizer param groups, scheduler, world size
-      manifest.json                     written last, by rank 0: size and sha256 of every file
+      manifest.json                     written last, by rank 0: size and digest of every file
 
 Every rank writes into the same temp directory (:func:`sharded_tmp`, a fixed ``.tmp-`` name),
-fsyncs and hashes its own files; the hashes are gathered to rank 0 (that gather is the
-barrier: it completes only when every rank has finished writing), which checks that every
-reported file is there, writes ``manifest.json`` last and publishes the step with one
-atomic rename (:func:`commit_sharded`).  A crash before the rename leaves a ``.tmp-``
-directory; after it, a complete step.  Loading checks every file's size and sha256 as for
-format 1; the tensors themselves are read by the engine (``Checkpoint.tensors`` holds the
-small per-rank files; :func:`model_checkpoint` consolidates the model group).
+fsyncs and hashes its own files (its JSON and safetensors while writing them; the shards
+the engine wrote are read back once, by :func:`hash_files`); the digests are gathered to
+rank 0 (that gather is the barrier: it completes only when every rank has finished
+writing), which checks that every reported file is there, writes ``manifest.json`` last
+and publishes the step with one atomic rename (:func:`commit_sharded`).  A crash before
+the rename leaves a ``.tmp-`` directory; after it, a complete step.  Loading checks every
+file's size and digest as for single-process steps; the tensors themselves are read by
+the engine (``Checkpoint.tensors`` holds the small per-rank files; :func:`model_checkpoint`
+consolidates the model group).
 
 Arguments of the wrong form (a negative step, ``keep=0``, a bad group name, a value that is
 not an array) raise :class:`~exporter.errors.UsageError`, listing every bad argument; a
@@ -94,21 +111,22 @@ import sys
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporter import atomic
+from exporter import atomic, streamio
 from exporter.errors import CheckpointCorruptError, CheckpointError, ExporterError, StateMismatchError, UsageError
-from exporter.hashing import sha256_bytes, sha256_entries, sha256_file
+from exporter.hashing import blake3_file, hash_bytes, sha256_bytes, sha256_entries, sha256_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
-    "SHARDED_FORMAT_VERSION",
+    "READ_VERSIONS",
+    "HASH",
     "LAYOUTS",
     "MANIFEST",
     "STATE_JSON",
@@ -141,10 +159,17 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "exporter-checkpoint"
-FORMAT_VERSION = 1
-SHARDED_FORMAT_VERSION = 2
+#: What this exporter writes, for every layout (the manifest names its hash).
+FORMAT_VERSION = 3
+#: What it reads: 1 (single process, sha256), 2 (sharded, sha256), 3.
+READ_VERSIONS = (1, 2, 3)
+_LEGACY_SHARDED = 2
+#: The hash new checkpoints record (the manifest's ``"hash"``); versions 1 and 2 used sha256.
+HASH = "blake3"
+_READ_HASHES = ("blake3", "sha256")
 #: Sharded step layouts: which engine wrote the tensors.
 LAYOUTS = ("dcp", "orbax")
+_FILES = "files"  # the layout of a single-process step
 MANIFEST = "manifest.json"
 STATE_JSON = "state.json"
 FRAMEWORKS = ("torch", "flax")
@@ -315,7 +340,7 @@ def step_dirs(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def _tensor_bytes(a: np.ndarray) -> memoryview:
-    """The bytes a tensor's manifest sha256 covers: C order, native byte order."""
+    """The bytes a tensor's manifest digest covers: C order, native byte order."""
     return np.asarray(a, order="C").reshape(-1).view(np.uint8).data
 
 
@@ -335,10 +360,24 @@ def state_sha256_batches(batches: Iterable[Mapping[str, np.ndarray]]) -> str:
     return sha256_entries(entries[n] for n in sorted(entries))
 
 
-def _manifest_self_hash(manifest: Mapping[str, Any]) -> str:
-    # Part of the on-disk format: the sha256 of the compact, key-sorted JSON of every other field.
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+def _self_key(algorithm: str) -> str:
+    return f"manifest_{algorithm}"
+
+
+def _manifest_self_hash(manifest: Mapping[str, Any], algorithm: str) -> str:
+    # Part of the on-disk format: the digest of the compact, key-sorted JSON of every other field.
+    body = {k: v for k, v in manifest.items() if k != _self_key(algorithm)}
+    return hash_bytes(algorithm, json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _seal(manifest: dict[str, Any]) -> bytes:
+    """Add the self-hash to a new manifest; its bytes as written."""
+    manifest[_self_key(HASH)] = _manifest_self_hash(manifest, HASH)
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+
+def _is_sharded(manifest: Mapping[str, Any]) -> bool:
+    return manifest.get("format_version") == _LEGACY_SHARDED or manifest.get("layout", _FILES) != _FILES
 
 
 def _fmt_bytes(n: float) -> str:
@@ -349,17 +388,11 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    # Plain write: the whole directory is fsynced and renamed by atomic.atomic_dir.
-    with open(path, "wb") as fh:
-        fh.write(data)
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0], "numpy": np.__version__}
-    for dist in ("exporter", "safetensors"):
+    for dist in ("exporter", "safetensors", "blake3"):
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
     for mod in ("torch", "jax", "flax", "optax"):
@@ -510,43 +543,36 @@ def save_checkpoint(
             f"empty --ckpt-dir) to write step {step} again"
         )
 
-    files: dict[str, bytes] = {}
+    # Sizes are known before a byte is written (the safetensors header follows from the
+    # dtypes and shapes), so free space is checked first; the digests are computed while
+    # the files are written (exporter.streamio), the manifest last.
+    meta = {"format": CHECKPOINT_FORMAT}  # one key: safetensors then writes reproducible bytes
+    sizes: dict[str, int] = {}
     tensor_index: dict[str, dict[str, Any]] = {}
-    from safetensors.numpy import save as st_save
-
-    # hashlib releases the GIL on large buffers: hash tensors and files on worker threads
-    # while the main thread serialises, instead of one core doing every pass in turn.
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        tensor_hashes: dict[tuple[str, str], Future[str]] = {}
-        file_hashes: dict[str, Future[str]] = {}
-        for group, arrays in groups.items():
-            fname = f"{group}.safetensors"
-            tensor_index[fname] = {n: {"dtype": a.dtype.name, "shape": list(a.shape)} for n, a in arrays.items()}
-            for name, a in arrays.items():
-                tensor_hashes[fname, name] = pool.submit(sha256_bytes, _tensor_bytes(a))
-            # One metadata key only: safetensors writes metadata in hash-map order, and a
-            # single key keeps the bytes (and so the file hashes) reproducible across runs.
-            files[fname] = st_save(arrays, metadata={"format": CHECKPOINT_FORMAT})
-            file_hashes[fname] = pool.submit(sha256_bytes, files[fname])
-        files[STATE_JSON] = state_bytes
-        file_hashes[STATE_JSON] = pool.submit(sha256_bytes, state_bytes)
-        for (fname, name), fut in tensor_hashes.items():
-            tensor_index[fname][name]["sha256"] = fut.result()
-        file_sha = {n: f.result() for n, f in file_hashes.items()}
-
+    for group, arrays in groups.items():
+        fname = f"{group}.safetensors"
+        prefix, layout = streamio.safetensors_prefix({n: (a.dtype.name, a.shape) for n, a in arrays.items()}, meta)
+        sizes[fname] = len(prefix) + (layout[-1][2] if layout else 0)
+        tensor_index[fname] = {n: {"dtype": a.dtype.name, "shape": list(a.shape)} for n, a in arrays.items()}
+    sizes[STATE_JSON] = len(state_bytes)
     manifest: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "format_version": FORMAT_VERSION,
+        "hash": HASH,
+        "layout": _FILES,
         "model": model,
         "framework": framework,
         "step": step,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
-        "files": {n: {"bytes": len(b), "sha256": file_sha[n]} for n, b in files.items()},
-        "tensors": tensor_index,
     }
-    manifest["manifest_sha256"] = _manifest_self_hash(manifest)
-    manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    digest_len = len(hash_bytes(HASH, b""))
+    skeleton = {  # the manifest's size: every digest has a fixed length
+        **manifest,
+        "files": {n: {"bytes": b, HASH: "0" * digest_len} for n, b in sizes.items()},
+        "tensors": {f: {n: {**e, HASH: "0" * digest_len} for n, e in t.items()} for f, t in tensor_index.items()},
+    }
+    manifest_size = len(_seal(skeleton))
 
     previous = step_dirs(root)
     prev_note = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
@@ -554,7 +580,7 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"cannot create the checkpoint directory {root}: {e}") from e
-    need = sum(len(b) for b in files.values()) + len(manifest_bytes) + _BLOCK * (len(files) + 2) + _SPACE_SLACK
+    need = sum(sizes.values()) + manifest_size + _BLOCK * (len(sizes) + 2) + _SPACE_SLACK
     free = shutil.disk_usage(root).free
     if free < need and keep is not None:
         _make_room(root, step, keep, keep_every, need)
@@ -566,13 +592,24 @@ def save_checkpoint(
             "checkpoints (--keep), or point --ckpt-dir at a larger disk"
         )
 
+    files: dict[str, dict[str, Any]] = {}
     try:
+        # Plain writes: atomic_dir fsyncs every file and the directory, then renames it.
         with atomic.atomic_dir(final, replace=False) as tmp:
             crash_point(f"write:{step}:0")
-            for k, (name, data) in enumerate(files.items(), start=1):
-                _write_file(tmp / name, data)
+            k = 0
+            for group, arrays in groups.items():
+                fname = f"{group}.safetensors"
+                files[fname], digests = streamio.write_safetensors(tmp / fname, arrays, meta, HASH)
+                for name, digest in digests.items():
+                    tensor_index[fname][name][HASH] = digest
+                k += 1
                 crash_point(f"write:{step}:{k}")
-            _write_file(tmp / MANIFEST, manifest_bytes)  # last: its presence marks completeness
+            files[STATE_JSON] = streamio.write_blob(tmp / STATE_JSON, state_bytes, HASH)
+            crash_point(f"write:{step}:{k + 1}")
+            manifest["files"] = files
+            manifest["tensors"] = tensor_index
+            streamio.write_blob(tmp / MANIFEST, _seal(manifest), HASH)  # last: its presence marks completeness
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise CheckpointError(
@@ -607,41 +644,35 @@ def rank_file(rank: int, suffix: str) -> str:
     return f"rank-{int(rank):05d}{suffix}"
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def write_rank_files(
     tmp: Path, rank: int, doc: Mapping[str, Any], tensors: Mapping[str, np.ndarray]
 ) -> dict[str, dict[str, Any]]:
     """Write one rank's JSON document and tensors into a sharded step's temp directory (fsynced).
 
-    Returns:
-        ``{file name: {"bytes", "sha256"}}`` for the manifest.
-    """
-    from safetensors.numpy import save as st_save
+    Both are hashed while they are written (:mod:`exporter.streamio`).
 
+    Returns:
+        ``{file name: {"bytes", HASH}}`` for the manifest.
+    """
     arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
     assert all(a.dtype.name in _STORABLE and a.dtype.isnative for a in arrays.values()), {k: a.dtype for k, a in arrays.items()}
-    out = {}
-    for name, data in (
-        (rank_file(rank, ".json"), json.dumps(dict(doc), indent=1, allow_nan=False).encode()),
-        (rank_file(rank, ".safetensors"), st_save(arrays, metadata={"format": CHECKPOINT_FORMAT})),
-    ):
-        _write_synced(tmp / name, data)
-        out[name] = {"bytes": len(data), "sha256": sha256_bytes(data)}
+    doc_bytes = json.dumps(dict(doc), indent=1, allow_nan=False).encode()
+    jname, sname = rank_file(rank, ".json"), rank_file(rank, ".safetensors")
+    out = {jname: streamio.write_blob(tmp / jname, doc_bytes, HASH, fsync=True)}
+    out[sname], _digests = streamio.write_safetensors(tmp / sname, arrays, {"format": CHECKPOINT_FORMAT}, HASH, fsync=True)
     return out
 
 
 def hash_files(tmp: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """``{name: {"bytes", "sha256"}}`` of files (relative POSIX paths) under ``tmp``, hashed on threads."""
+    """``{name: {"bytes", HASH}}`` of files (relative POSIX paths) under ``tmp``, hashed on threads.
+
+    For files another writer (the DCP/orbax engine) has just written: one read each, from
+    the page cache while the write is recent.
+    """
 
     def one(name: str) -> tuple[str, dict[str, Any]]:
         f = tmp / name
-        return name, {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        return name, {"bytes": f.stat().st_size, HASH: blake3_file(f)}
 
     with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as pool:
         return dict(pool.map(one, sorted(names)))
@@ -674,7 +705,8 @@ def commit_sharded(
         step: the step the checkpoint holds.
         layout: one of :data:`LAYOUTS`.
         model, framework: as for :func:`save_checkpoint`.
-        files: every file the ranks wrote, relative path -> ``{"bytes", "sha256"}``.
+        files: every file the ranks wrote, relative path -> ``{"bytes", HASH}`` (from
+            :func:`write_rank_files` and :func:`hash_files`).
         tensors: group -> name -> ``{"dtype", "shape", "key"}`` (``key``: the name the
             engine stores it under); group ``"model"`` is what an export reads.
         state: plain JSON (``state.json``).
@@ -709,7 +741,8 @@ def commit_sharded(
     state_bytes = json.dumps(dict(state), indent=1, allow_nan=False).encode()
     manifest: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
-        "format_version": SHARDED_FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
+        "hash": HASH,
         "layout": layout,
         "model": model,
         "framework": framework,
@@ -717,13 +750,12 @@ def commit_sharded(
         **dict(info),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
-        "files": {**{n: dict(files[n]) for n in sorted(files)}, STATE_JSON: {"bytes": len(state_bytes), "sha256": sha256_bytes(state_bytes)}},
         "tensors": {g: {n: dict(e) for n, e in t.items()} for g, t in tensors.items()},
     }
-    manifest["manifest_sha256"] = _manifest_self_hash(manifest)
     try:
-        _write_synced(tmp / STATE_JSON, state_bytes)
-        _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())  # last
+        state_entry = streamio.write_blob(tmp / STATE_JSON, state_bytes, HASH, fsync=True)
+        manifest["files"] = {**{n: dict(files[n]) for n in sorted(files)}, STATE_JSON: state_entry}
+        streamio.write_blob(tmp / MANIFEST, _seal(manifest), HASH, fsync=True)  # last
         atomic.fsync_tree(tmp)
         os.replace(tmp, final)
         atomic.fsync_dir(root)
@@ -862,16 +894,25 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
         return None, [f"{MANIFEST} is not a JSON object"]
     if manifest.get("format") != CHECKPOINT_FORMAT:
         return None, [f"{MANIFEST} has format {manifest.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"]
-    if manifest.get("format_version") not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
+    version = manifest.get("format_version")
+    if version not in READ_VERSIONS or isinstance(version, bool):
         return None, [
-            f"{MANIFEST} has format_version {manifest.get('format_version')!r}; this exporter reads "
-            f"{FORMAT_VERSION} and {SHARDED_FORMAT_VERSION} (upgrade exporter)"
+            f"{MANIFEST} has format_version {version!r}; this exporter reads "
+            f"{', '.join(map(str, READ_VERSIONS))} (upgrade exporter)"
         ]
-    if manifest.get("manifest_sha256") != _manifest_self_hash(manifest):
-        return None, [f"{MANIFEST} does not match its own sha256 (altered or damaged)"]
+    alg = _algorithm(manifest)
+    if alg is None:
+        return None, [
+            f"{MANIFEST} names hash {manifest.get('hash')!r}; this exporter knows "
+            f"{', '.join(_READ_HASHES)} for format_version {version} (damaged, or upgrade exporter)"
+        ]
+    if manifest.get(_self_key(alg)) != _manifest_self_hash(manifest, alg):
+        return None, [f"{MANIFEST} does not match its own {alg} (altered or damaged)"]
     problems = []
-    if manifest["format_version"] == SHARDED_FORMAT_VERSION and manifest.get("layout") not in LAYOUTS:
-        problems.append(f"{MANIFEST} has layout {manifest.get('layout')!r}, expected one of {', '.join(LAYOUTS)}")
+    layouts = LAYOUTS if version == _LEGACY_SHARDED else (None,) if version == 1 else (_FILES, *LAYOUTS)
+    if manifest.get("layout") not in layouts:
+        want = ", ".join(str(x) for x in layouts if x is not None) or "none"
+        problems.append(f"{MANIFEST} has layout {manifest.get('layout')!r}, expected {want} for format_version {version}")
     step = _step_of(path)
     if step is not None and manifest.get("step") != step:
         problems.append(f"{MANIFEST} records step {manifest.get('step')!r} but the directory is {path.name}")
@@ -881,13 +922,21 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
     return manifest, problems
 
 
+def _algorithm(manifest: Mapping[str, Any]) -> str | None:
+    """The hash every digest of ``manifest`` was made with (None: one this exporter does not know)."""
+    if manifest.get("format_version") in (1, _LEGACY_SHARDED):
+        return "sha256" if manifest.get("hash", "sha256") == "sha256" else None
+    alg = manifest.get("hash")
+    return alg if isinstance(alg, str) and alg in _READ_HASHES else None
+
+
 def _load_dir(
     path: Path, *, want: set[str] | None, full: bool = False
 ) -> tuple[dict[str, Any] | None, dict[str, Any], list[str]]:
     """Read and check one step directory.  Returns (manifest, {file: loaded content}, problems).
 
-    Every file's size and sha256 are always checked; they cover every byte of every tensor.
-    The per-tensor sha256s are then checked only where they add something: when a file's
+    Every file's size and digest are always checked; they cover every byte of every tensor.
+    The per-tensor digests are then checked only where they add something: when a file's
     hash does not match (to name the damaged tensors), or with ``full=True``
     (:func:`verify_checkpoint`).  Hashing each byte once, not twice, halves the load cost.
     """
@@ -896,15 +945,11 @@ def _load_dir(
     manifest, problems = _read_manifest(path)
     if manifest is None or problems:
         return manifest, {}, problems
-    if manifest["format_version"] == SHARDED_FORMAT_VERSION:
+    if _is_sharded(manifest):
         return manifest, *_load_sharded(path, manifest, st_load)
     loaded: dict[str, Any] = {}
-    pool = ThreadPoolExecutor(max_workers=1)  # hashes a file while the main thread parses it
-    try:
-        for fname, meta in sorted(manifest["files"].items()):
-            _check_file(path, fname, meta, manifest, want, full, pool, st_load, loaded, problems)
-    finally:
-        pool.shutdown()
+    for fname, meta in sorted(manifest["files"].items()):
+        _check_file(path, fname, meta, manifest, want, full, st_load, loaded, problems)
     return manifest, loaded, problems
 
 
@@ -915,46 +960,41 @@ def _check_file(
     manifest: Mapping[str, Any],
     want: set[str] | None,
     full: bool,
-    pool: ThreadPoolExecutor,
     st_load: Any,
     loaded: dict[str, Any],
     problems: list[str],
 ) -> None:
+    """Read one file of a single-process step once (hashed while it is read) and check it."""
+    alg = _algorithm(manifest)
+    assert alg is not None  # _read_manifest checked it
     fpath = path / fname
     if not fpath.is_file():
         problems.append(f"{fname}: missing")
         return
-    data = fpath.read_bytes()
-    size_bad = len(data) != meta.get("bytes")
+    try:
+        buf, digest = streamio.read_hashed(fpath, alg)
+    except OSError as e:
+        problems.append(f"{fname}: cannot be read ({e})")
+        return
+    size_bad = len(buf) != meta.get("bytes")
     if size_bad:
-        problems.append(f"{fname}: {len(data)} bytes, expected {meta.get('bytes')} (truncated or altered)")
-        digest = None
-    else:
-        digest = pool.submit(sha256_bytes, data)
+        problems.append(f"{fname}: {len(buf)} bytes, expected {meta.get('bytes')} (truncated or altered)")
+    elif digest != meta.get(alg):
+        problems.append(f"{fname}: {alg} mismatch (content altered or damaged)")
+    file_ok = not problems or not problems[-1].startswith(f"{fname}:")
     if fname.endswith(".safetensors"):
-        wanted = want is None or fname.removesuffix(".safetensors") in want
-        arrays, parse_error = None, None
-        if wanted:  # parse while the hash runs (hashlib releases the GIL)
-            try:
-                arrays = st_load(data)
-            except Exception as e:  # safetensors raises its own error types
-                parse_error = e
-        if digest is not None and digest.result() != meta.get("sha256"):
-            problems.append(f"{fname}: sha256 mismatch (content altered or damaged)")
-        file_ok = not problems or not problems[-1].startswith(f"{fname}:")
-        check_tensors = full or not file_ok
-        if not wanted and file_ok:
+        if file_ok and not (want is None or fname.removesuffix(".safetensors") in want):
             return  # hash-checked; parse only groups asked for (or damaged ones, to name tensors)
-        if arrays is None and parse_error is None:
-            try:
-                arrays = st_load(data)
-            except Exception as e:  # safetensors raises its own error types
-                parse_error = e
-        if parse_error is not None:
-            problems.append(f"{fname}: cannot be parsed as safetensors ({parse_error})")
-            return
-        assert arrays is not None
         expected = manifest["tensors"].get(fname, {})
+        # The file as exporter writes it for the manifest's tensors: each tensor a view of buf.
+        arrays = streamio.views(buf, spec, {"format": CHECKPOINT_FORMAT}) if (spec := _tensor_spec(expected)) else None
+        if arrays is None:  # another header (a damaged file, another writer): parse it to say what differs
+            try:
+                arrays = st_load(buf.tobytes())
+            except Exception as e:  # safetensors raises its own error types
+                problems.append(f"{fname}: cannot be parsed as safetensors ({e})")
+                return
+        check_tensors = full or not file_ok
         for name in sorted(set(expected) | set(arrays)):
             if name not in arrays:
                 problems.append(f"{fname}: tensor {name!r} missing")
@@ -967,17 +1007,32 @@ def _check_file(
                         f"{fname}: tensor {name!r} is {a.dtype.name}{list(a.shape)}, "
                         f"manifest says {e['dtype']}{e['shape']}"
                     )
-                elif check_tensors and sha256_bytes(_tensor_bytes(a)) != e["sha256"]:
-                    problems.append(f"{fname}: tensor {name!r} sha256 mismatch (content altered or damaged)")
+                elif check_tensors and hash_bytes(alg, _tensor_bytes(a)) != e.get(alg):
+                    problems.append(f"{fname}: tensor {name!r} {alg} mismatch (content altered or damaged)")
         loaded[fname] = arrays
         return
-    if digest is not None and digest.result() != meta.get("sha256"):
-        problems.append(f"{fname}: sha256 mismatch (content altered or damaged)")
     if fname == STATE_JSON and not size_bad:
         try:
-            loaded[fname] = json.loads(data)
+            loaded[fname] = json.loads(buf.tobytes())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             problems.append(f"{fname}: cannot be parsed ({e})")
+
+
+def _tensor_spec(expected: Any) -> dict[str, tuple[str, list[int]]] | None:
+    """name -> (dtype, shape) from a manifest's tensor entries, or None when they are malformed."""
+    if not isinstance(expected, Mapping):
+        return None
+    spec = {}
+    for name, e in expected.items():
+        if not isinstance(e, Mapping):
+            return None
+        dtype, shape = e.get("dtype"), e.get("shape")
+        if not (isinstance(dtype, str) and dtype in streamio.ST_CODES) or not (
+            isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+        ):
+            return None
+        spec[name] = (dtype, shape)
+    return spec
 
 
 def _engine_file(fname: str) -> bool:
@@ -999,10 +1054,12 @@ def _shard_tensors(fpath: Path) -> list[str]:
 def _load_sharded(
     path: Path, manifest: Mapping[str, Any], st_load: Any, only: set[str] | None = None
 ) -> tuple[dict[str, Any], list[str]]:
-    """Check the files of a sharded step (size + sha256, hashed on threads); parse exporter's own files.
+    """Check the files of a sharded step (size + digest, hashed on threads); parse exporter's own files.
 
     ``only``: check just these files (default: every file, and that nothing else is there).
     """
+    alg = _algorithm(manifest)
+    assert alg is not None  # _read_manifest checked it
     problems: list[str] = []
     loaded: dict[str, Any] = {}
     files = {n: m for n, m in manifest["files"].items() if only is None or n in only}
@@ -1018,17 +1075,17 @@ def _load_sharded(
         size = fpath.stat().st_size
         if size != meta.get("bytes"):
             return fname, None, [f"{fname}: {size} bytes, expected {meta.get('bytes')} (truncated or altered)"]
-        if _engine_file(fname):
-            ok = sha256_file(fpath) == meta.get("sha256")
-            data = None
+        data: bytes | None = None
+        if _engine_file(fname):  # read again by its engine: only hash it here
+            digest = (blake3_file if alg == "blake3" else sha256_file)(fpath)
         else:
-            data = fpath.read_bytes()
-            ok = sha256_bytes(data) == meta.get("sha256")
-        if ok:
+            buf, digest = streamio.read_hashed(fpath, alg)
+            data = buf.tobytes()  # small per-rank files
+        if digest == meta.get(alg):
             return fname, data, []
         held = _shard_tensors(fpath) if fname.endswith(".safetensors") and _engine_file(fname) else []
         note = f"; it holds (chunks of) {', '.join(held[:8])}{' ...' if len(held) > 8 else ''}" if held else ""
-        return fname, None, [f"{fname}: sha256 mismatch (content altered or damaged){note}"]
+        return fname, None, [f"{fname}: {alg} mismatch (content altered or damaged){note}"]
 
     with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as pool:
         results = list(pool.map(check, sorted(files)))
@@ -1082,7 +1139,7 @@ def _try_load(p: Path, groups: tuple[str, ...] | None) -> tuple[Checkpoint | Non
     if manifest is None or problems:
         return None, sorted(problems)
     ranks: dict[int, tuple[Mapping[str, Any], Mapping[str, np.ndarray]]] = {}
-    if manifest["format_version"] == SHARDED_FORMAT_VERSION:
+    if _is_sharded(manifest):
         tensors = {"model": _consolidated_model(p, manifest)} if groups is not None and "model" in groups else {}
         for fname, doc in loaded.items():
             m = _RANK_RE.fullmatch(fname)
@@ -1157,7 +1214,7 @@ def load_sharded_state(path: str | os.PathLike[str], ranks: Iterable[int]) -> Ch
 
     p = Path(path)
     manifest, problems = _read_manifest(p)
-    if manifest is not None and not problems and manifest["format_version"] != SHARDED_FORMAT_VERSION:
+    if manifest is not None and not problems and not _is_sharded(manifest):
         raise CheckpointError(f"checkpoint {p} is a single-process checkpoint, not a sharded one")
     loaded: dict[str, Any] = {}
     if manifest is not None and not problems:

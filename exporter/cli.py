@@ -194,6 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("dynamic", "static"),
         help="int8 variant: dynamic quantization (default) or static QDQ calibrated on the sweep (or --inputs)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild every bundle (default: a bundle made from the same checkpoint, model code, config, options "
+        "and versions, that passed and whose files are intact, is reported up to date and not rebuilt)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="export models in N worker processes (default: 1); same report order and exit code as one",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="print every bundle's per-case parity table")
     p.add_argument(
         "--no-explain",
@@ -343,6 +356,8 @@ def _cmd_export(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         explain_failures=args.explain,
         variants=args.variants,
         variant_options=None if args.int8_mode is None else {"int8": {"mode": args.int8_mode}},
+        force=args.force,
+        jobs=args.jobs,
     )
     progress.close()
     if args.junit:

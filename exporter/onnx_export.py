@@ -560,14 +560,20 @@ def _finish(
     try:
         if use_external:
             ir.save(model, path, external_data=EXTERNAL_DATA_NAME)
+            checked: str | bytes = str(path)  # the checker reads model.onnx.data beside it
         else:
-            ir.save(model, path)
+            # Serialised once: the checker gets the very bytes that are written (for an
+            # inline model, checking the bytes and checking the file are the same check,
+            # without parsing 2x the weights back from disk).
+            checked = ir.serde.serialize_model(model).SerializeToString()
+            path.write_bytes(checked)
     except OSError as e:
         raise ExportError(f"model {spec.name!r}: writing {path} failed: {_first_line(e)}") from e
     try:
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(checked)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"model {spec.name!r}: the exported {path.name} fails onnx.checker: {_first_line(e)}") from e
+    del checked  # up to 2 GiB of serialised weights: not kept while the caller goes on
     stale = path.parent / EXTERNAL_DATA_NAME
     if not use_external and stale.exists():  # from an earlier export into the same directory
         stale.unlink()

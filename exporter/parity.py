@@ -469,23 +469,31 @@ def _stats(r: np.ndarray, c: np.ndarray, atol: float, rtol: float, floor: float)
         c64 = c.astype(wide)
         fr, fc = np.isfinite(r64), np.isfinite(c64)
         both = fr & fc
-        with np.errstate(invalid="ignore"):
-            same_nonfinite = ~fr & ~fc & ((np.isnan(r64) & np.isnan(c64)) | (r64 == c64))
-        nonfinite_mismatch = ~both & ~same_nonfinite
-        # Zero the non-finite positions before subtracting (inf - inf would warn and give NaN).
-        with np.errstate(over="ignore"):
-            err = np.abs(np.where(both, c64, 0) - np.where(both, r64, 0))
-        ref_mag = np.abs(np.where(both, r64, 0))
-        bad = (both & ~(err <= atol + rtol * ref_mag)) | nonfinite_mismatch
-    finite_err = err[both]
+        if both.all():  # the common case: the same numbers as below, without the masking copies
+            with np.errstate(over="ignore"):
+                err = np.abs(c64 - r64)
+            ref_mag = np.abs(r64)
+            nonfinite_mismatch = np.zeros(r.shape, dtype=bool)
+            bad = ~(err <= atol + rtol * ref_mag)
+        else:
+            with np.errstate(invalid="ignore"):
+                same_nonfinite = ~fr & ~fc & ((np.isnan(r64) & np.isnan(c64)) | (r64 == c64))
+            nonfinite_mismatch = ~both & ~same_nonfinite
+            # Zero the non-finite positions before subtracting (inf - inf would warn and give NaN).
+            with np.errstate(over="ignore"):
+                err = np.abs(np.where(both, c64, 0) - np.where(both, r64, 0))
+            ref_mag = np.abs(np.where(both, r64, 0))
+            bad = (both & ~(err <= atol + rtol * ref_mag)) | nonfinite_mismatch
+    # (a plain view where every value is finite: the same numbers, in the same order, as the mask picks)
+    finite_err, finite_ref = (err.reshape(-1), ref_mag.reshape(-1)) if both.all() else (err[both], ref_mag[both])
     max_abs = mean_abs = p99_abs = max_rel = worst_tol = 0.0
     if finite_err.size:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             max_abs = float(finite_err.max())
             mean_abs = float(finite_err.mean())
             p99_abs = float(np.percentile(finite_err, 99))
-            max_rel = float((finite_err / np.maximum(ref_mag[both], floor)).max())
-            tol = atol + rtol * ref_mag[both]  # 0 only for a float output held to atol = rtol = 0
+            max_rel = float((finite_err / np.maximum(finite_ref, floor)).max())
+            tol = atol + rtol * finite_ref  # 0 only for a float output held to atol = rtol = 0
             worst_tol = float(np.max(np.where(tol > 0, finite_err / np.where(tol > 0, tol, 1.0), np.where(finite_err > 0, np.inf, 0.0))))
     exact = _exact_dtype(r.dtype) and _exact_dtype(c.dtype)
     return {

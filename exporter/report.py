@@ -177,6 +177,7 @@ class SummaryRow:
     worst: float | None
     cases: int
     seconds: float | None
+    up_to_date: bool = False
 
 
 def worst_of(checks: Sequence[Any]) -> float | None:
@@ -207,6 +208,7 @@ def export_summary(export_report: Any, *, max_failures: int = 20) -> str:
         SummaryRow(
             model=r.model, framework=r.framework, variant=str(getattr(r, "variant", None) or DEFAULT_VARIANT), ok=r.ok,
             worst=worst_of(r.parity.checks), cases=len(r.parity.cases), seconds=r.seconds.get("total"),
+            up_to_date=bool(getattr(r, "up_to_date", False)),
         )
         for r in export_report.results
     ]  # fmt: skip
@@ -233,7 +235,7 @@ def summary_table(rows: Sequence[Any]) -> str:
     table = [("model", "framework", "variant", "verdict", "worst/tol", "cases", "time")]
     for r in rows:
         table.append((
-            r.model, r.framework, r.variant, "PASS" if r.ok else "FAIL",
+            r.model, r.framework, r.variant, ("PASS" if r.ok else "FAIL") + (", up to date" if getattr(r, "up_to_date", False) else ""),
             "-" if r.worst is None else "inf" if math.isinf(r.worst) else f"{r.worst:.2g}x", str(r.cases),
             "-" if r.seconds is None else f"{r.seconds:.1f} s",
         ))  # fmt: skip

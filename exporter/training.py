@@ -38,8 +38,8 @@ Distributed runs keep every one of those promises, with the tensors written by t
   over the devices and every parameter and optimizer moment sharded FSDP-style
   (:mod:`exporter.flax_mesh`), saved with orbax.
 
-Checkpoints are sharded steps (:mod:`exporter.checkpoint`, ``format_version`` 2: DCP or
-orbax shards, per-rank RNG files, a manifest written last by rank 0 once every rank has
+Checkpoints are sharded steps (:mod:`exporter.checkpoint`, layout ``"dcp"`` or ``"orbax"``:
+DCP or orbax shards, per-rank RNG files, a manifest written last by rank 0 once every rank has
 reported its files, one atomic rename).  A resume with the same P is bit-exact.  A resume
 with another P (or strategy) reshards: model, optimizer and scheduler state and the data
 position are restored exactly; rank ``r`` continues the RNG streams of saved rank ``r``

@@ -12,8 +12,9 @@ document, a ``<group>.safetensors`` file the tensors):
   structure is not stored as code: it is rebuilt from a template of the same kind
   (``optimizer.init(params)``) and checked leaf by leaf.
 
-The document format is part of the checkpoint format (``format_version`` 1): change it only
-together with :data:`exporter.checkpoint.FORMAT_VERSION`.
+The document format is part of the checkpoint format (the same in ``format_version`` 1 and
+3, which changed only the manifest's hash): change it only together with
+:data:`exporter.checkpoint.FORMAT_VERSION`.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import importlib
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -449,17 +450,41 @@ _BUILTIN_MODULES = (
 )
 
 
+_ORIGINS: dict[str, str] = {}  # model name -> the module that registered it
+_PLUGINS: list[str] = []  # modules load_plugins imported, in order (worker processes import them too)
+
+
 def register(spec: ModelSpec) -> ModelSpec:
     """Add ``spec`` to the registry; refuses a duplicate name.  Usable as a plain call."""
     if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
         raise UsageError(f"model {spec.name!r} is already registered; pick another name or unregister() it first")
     _REGISTRY[spec.name] = spec
+    _ORIGINS[spec.name] = _caller_module()
     return spec
+
+
+def _caller_module() -> str:
+    """The module that called :func:`register` (through a family's ``register`` too)."""
+    f = sys._getframe(1)
+    while f is not None and f.f_globals.get("__name__") in (__name__, "exporter.models.family"):
+        f = f.f_back
+    return str(f.f_globals.get("__name__", "__main__")) if f is not None else "__main__"
+
+
+def origin(name: str) -> str | None:
+    """The module that registered model ``name`` (``"__main__"`` for a script), None if unknown."""
+    return _ORIGINS.get(name)
+
+
+def plugins() -> tuple[str, ...]:
+    """The registry modules :func:`load_plugins` imported (``--registry``, ``EXPORTER_REGISTRY``)."""
+    return tuple(_PLUGINS)
 
 
 def unregister(name: str) -> None:
     """Remove a model (for tests and for users replacing a builtin)."""
     _REGISTRY.pop(name, None)
+    _ORIGINS.pop(name, None)
 
 
 def _load_builtins() -> None:
@@ -487,6 +512,8 @@ def load_plugins(modules: str | list[str] | tuple[str, ...]) -> None:
     for mod in modules:
         try:
             importlib.import_module(mod)
+            if mod not in _PLUGINS:
+                _PLUGINS.append(mod)
         except ImportError as e:
             raise UsageError(
                 f"registry module {mod!r} cannot be imported ({e}); it must be importable from the "

@@ -237,6 +237,13 @@ class Runtime(ABC):
         """
         return []
 
+    def prepare(self, feeds: Sequence[Mapping[str, np.ndarray]], *, wait: bool = True) -> None:
+        """Get ready to run each of ``feeds`` soon (e.g. compile for their shapes ahead, in
+        parallel); runs nothing and raises nothing: a feed that cannot be prepared fails
+        in :meth:`run` as it would have without this call.  ``wait=False``: return at once
+        and let the work go on in the background (``run`` waits for what it needs).
+        Default: nothing to do."""
+
     def close(self) -> None:
         """Release resources (sessions, subprocesses).  Safe to call twice."""
 

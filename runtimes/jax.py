@@ -3,18 +3,23 @@
 This module imports jax and flax at the top; it is itself imported only on demand (by
 ``exporter.runtimes.base.load_runtime`` or directly), so ``import exporter.runtimes``
 stays cheap.  One compilation per distinct input shape (a sweep of four batch sizes
-compiles four times).
+compiles four times).  :meth:`JaxRuntime.prepare` compiles the shapes of a whole sweep
+ahead, several at a time (XLA compiles release the GIL; one thread per usable core): the
+executables are the ones ``jax.jit`` would build (same lowering, same compile options),
+so the outputs are the same bits, only the compiles overlap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from exporter.deps import require
-from exporter.runtimes.base import Runtime, name_outputs, spec_io
+from exporter.runtimes.base import Runtime, check_arrays, name_outputs, spec_io
 
 jax = require("jax", "runtime 'jax'")
 require("flax", "runtime 'jax'")
@@ -23,6 +28,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from exporter.models.registry import ModelSpec
 
 __all__ = ["JaxRuntime"]
+
+
+def _signature(args: Sequence[np.ndarray]) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """What a compiled executable is specific to: each input's shape and dtype."""
+    return tuple((tuple(a.shape), a.dtype.str) for a in args)
+
+
+def _cores() -> int:
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)  # a pinned process (benchmarks P4) gets its cores only
+    except (AttributeError, OSError):  # pragma: no cover - no affinity API
+        return os.cpu_count() or 1
 
 
 class JaxRuntime(Runtime):
@@ -68,11 +85,65 @@ class JaxRuntime(Runtime):
             return module.apply(variables, *args, **kwargs)
 
         self._apply = jax.jit(apply)
+        self._compiled: dict[tuple[tuple[tuple[int, ...], str], ...], Any] = {}
+        self._pending: dict[tuple[tuple[tuple[int, ...], str], ...], Future[Any]] = {}
+
+    def prepare(self, feeds: Sequence[Mapping[str, np.ndarray]], *, wait: bool = True) -> None:
+        """Compile the jitted ``apply`` for every distinct input shape of ``feeds``: traced
+        and lowered one after the other here, compiled in up to one thread per usable core.
+
+        ``wait=False`` returns once they are lowered; the compiles go on in the background
+        (one core fewer: the caller's work goes on meanwhile) and :meth:`run` waits for the
+        one it needs.  A feed whose inputs do not fit, or whose
+        tracing or compile fails, is left out: :meth:`run` then goes through ``jax.jit`` and
+        reports the problem as before."""
+        todo: dict[tuple[tuple[tuple[int, ...], str], ...], list[np.ndarray]] = {}
+        for feed in feeds:
+            arrays, problems = check_arrays(self.inputs, feed)
+            if problems:
+                continue
+            args = [arrays[i.name] for i in self.inputs]
+            key = _signature(args)
+            if key not in self._compiled and key not in self._pending and key not in todo:
+                todo[key] = args
+        lowered = []
+        for key, args in todo.items():
+            try:
+                lowered.append((key, self._apply.lower(self.variables, *args)))
+            except Exception:  # noqa: BLE001 - the model's own error: run() raises it as a RunError
+                continue
+        if not lowered:
+            return
+
+        def compile_one(low: Any) -> Any:
+            try:
+                return low.compile()
+            except Exception:  # noqa: BLE001 - XLA's error: run() raises it as a RunError
+                return None
+
+        # in the background, leave one core to the caller (what it does meanwhile is why it did not wait)
+        cores = _cores() if wait else max(_cores() - 1, 1)
+        pool = ThreadPoolExecutor(max_workers=min(len(lowered), cores), thread_name_prefix="exporter-xla-compile")
+        self._pending.update((key, pool.submit(compile_one, low)) for key, low in lowered)
+        pool.shutdown(wait=False)
+        if wait:
+            for key, _low in lowered:
+                self._take(key)
+
+    def _take(self, key: tuple[tuple[tuple[int, ...], str], ...]) -> Any:
+        """The executable compiled for ``key`` (waiting for a pending compile), else None."""
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            compiled = pending.result()
+            if compiled is not None:
+                self._compiled[key] = compiled
+        return self._compiled.get(key)
 
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [inputs[i.name] for i in self.inputs]
+        compiled = self._take(_signature(args))
         try:  # tracing runs the model's own code: its errors surface here, as do XLA's
-            result = jax.block_until_ready(self._apply(self.variables, *args))
+            result = jax.block_until_ready((compiled or self._apply)(self.variables, *args))
         except Exception as e:
             raise self.run_error(e) from e
         outs = name_outputs(self.spec, "flax", result, (jax.Array, np.ndarray))
@@ -80,3 +151,5 @@ class JaxRuntime(Runtime):
 
     def close(self) -> None:
         self.variables = {}
+        self._compiled = {}
+        self._pending = {}  # a compile still running finishes in its thread and is dropped

@@ -52,12 +52,12 @@ def test_runner_quick_p1(tmp_path: Path) -> None:
 
 def test_runner_rejects_unknown_group(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--only", "P9", "--out", str(tmp_path)],
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--only", "P99", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 2 and "unknown group(s) P9" in proc.stderr
+    assert proc.returncode == 2 and "unknown group(s) P99" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- zero-copy load (P2)
@@ -180,3 +180,41 @@ def test_onnxruntime_prepacking_off_for_external_data(tmp_path: Path) -> None:
     assert OnnxRuntime(inline, prepacking=False).session_options()["prepacking"] is False
     with pytest.raises(UsageError, match="prepacking must be True, False or None"):
         OnnxRuntime(inline, prepacking="yes")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- P8: optimum-cli comparison
+def test_p8_without_optimum_cli_is_skipped_with_the_install_hint(tmp_path: Path) -> None:
+    """No optimum-cli: P8 is skipped, not failed (exit 0, no error), and says how to install it."""
+    from benchmarks import p8_optimum
+
+    out = tmp_path / "results"
+    missing = tmp_path / "no-such-venv" / "bin" / "optimum-cli"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--only", "P8", "--repeats", "1",
+         "--out", str(out), "--workdir", str(tmp_path / "work")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, p8_optimum.ENV_VAR: str(missing)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    group = json.loads((out / "results.json").read_text())["groups"]["P8"]
+    assert group["title"] == "single-model export vs optimum-cli"
+    assert group["error"] is None and group["figures"] == []
+    (note,) = group["notes"]
+    assert note.startswith("skipped: optimum-cli not found at $EXPORTER_OPTIMUM_CLI")
+    assert str(missing) in note and p8_optimum.INSTALL_HINT in note
+    assert 'benchmarks/.venv-optimum/bin/pip install torch==2.13.0 "optimum-onnx[onnxruntime]" "transformers<4.58"' in note
+    assert "skipped: optimum-cli not found" in (out / "results.md").read_text()
+
+
+def test_p8_finds_optimum_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import p8_optimum
+
+    cli = tmp_path / "optimum-cli"
+    cli.write_text("#!/bin/sh\n")
+    monkeypatch.setenv(p8_optimum.ENV_VAR, str(cli))
+    assert p8_optimum.find_optimum_cli() is None  # not executable
+    cli.chmod(0o755)
+    assert p8_optimum.find_optimum_cli() == cli
+    monkeypatch.delenv(p8_optimum.ENV_VAR)
+    assert p8_optimum.DEFAULT_CLI == REPO / "benchmarks" / ".venv-optimum" / "bin" / "optimum-cli"
+    assert p8_optimum.find_optimum_cli() == (p8_optimum.DEFAULT_CLI if p8_optimum.DEFAULT_CLI.is_file() else None)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from exporter import checkpoint as C
-from exporter import treecodec
+from exporter import streamio, treecodec
+from exporter.hashing import blake3_bytes, blake3_file, sha256_bytes
 from exporter.rng import restore_rng
 from exporter.errors import CheckpointCorruptError, CheckpointError, StateFileError, StateMismatchError, UsageError
 
@@ -71,12 +72,30 @@ def test_roundtrip_layout_and_manifest(tmp_path: Path) -> None:
     assert opt["step"].shape == () and opt["step"].dtype == np.float32
     assert opt["flags"].dtype == np.bool_ and opt["half"].dtype == np.float16 and opt["empty"].shape == (0, 3)
     m = json.loads((path / "manifest.json").read_text())
-    assert m["format"] == "exporter-checkpoint" and m["format_version"] == 1
+    assert m["format"] == "exporter-checkpoint" and m["format_version"] == 3
+    assert (m["hash"], m["layout"]) == ("blake3", "files") and "manifest_sha256" not in m
     assert set(m["files"]) == {"model.safetensors", "optimizer.safetensors", "state.json"}
     assert m["tensors"]["model.safetensors"]["hidden.weight"]["shape"] == [4, 3]
-    assert all(len(e["sha256"]) == 64 for e in m["tensors"]["optimizer.safetensors"].values())
+    assert all(len(e["blake3"]) == 64 and "sha256" not in e for e in m["tensors"]["optimizer.safetensors"].values())
+    # every file digest is what b3sum prints for the file as it lies on disk
+    assert all(m["files"][f]["blake3"] == blake3_file(path / f) for f in m["files"])
     assert C.verify_checkpoint(path) == []
     assert C.list_checkpoints(tmp_path)[0].valid
+
+
+def test_files_are_plain_safetensors_and_load_as_views(tmp_path: Path) -> None:
+    from safetensors.numpy import load as st_load
+    from safetensors.numpy import save as st_save
+
+    path = _save(tmp_path, 2)
+    data = (path / "optimizer.safetensors").read_bytes()
+    stored = st_load(data)  # the reference reader opens them, and the streamed writer wrote its bytes
+    assert data == st_save(stored, metadata={"format": "exporter-checkpoint"})
+    opt = C.load_checkpoint(path).group("optimizer")
+    assert all(np.array_equal(opt[k], v) and opt[k].dtype == v.dtype and opt[k].shape == v.shape for k, v in stored.items())
+    # loaded tensors are views of the one buffer the file was read (and hashed) into: no copies
+    assert opt["ids"].base is not None and opt["ids"].base is opt["half"].base and opt["ids"].flags.writeable
+    assert opt["ids"].base.nbytes == len(data)
 
 
 def test_is_checkpoint(tmp_path: Path) -> None:
@@ -141,12 +160,12 @@ def _two(tmp_path: Path) -> tuple[Path, Path]:
     "damage, why",
     [
         ("truncate", r"model\.safetensors: \d+ bytes, expected \d+ \(truncated"),
-        ("flip", r"tensor 'hidden\.bias' sha256 mismatch"),
+        ("flip", r"tensor 'hidden\.bias' blake3 mismatch"),
         ("missing_manifest", r"manifest\.json is missing"),
         ("missing_file", r"optimizer\.safetensors: missing"),
-        ("tampered_manifest", r"does not match its own sha256"),
+        ("tampered_manifest", r"does not match its own blake3"),
         ("garbage_manifest", r"manifest\.json cannot be parsed"),
-        ("state_json", r"state\.json: sha256 mismatch"),
+        ("state_json", r"state\.json: blake3 mismatch"),
     ],
 )
 def test_corrupt_newest_falls_back(tmp_path: Path, damage: str, why: str) -> None:
@@ -188,8 +207,8 @@ def test_flipped_byte_names_the_tensor(tmp_path: Path) -> None:
     path = _save(tmp_path, 1)
     _flip_byte(path / "model.safetensors")
     problems = C.verify_checkpoint(path)
-    assert "model.safetensors: sha256 mismatch (content altered or damaged)" in problems
-    assert "model.safetensors: tensor 'hidden.bias' sha256 mismatch (content altered or damaged)" in problems
+    assert "model.safetensors: blake3 mismatch (content altered or damaged)" in problems
+    assert "model.safetensors: tensor 'hidden.bias' blake3 mismatch (content altered or damaged)" in problems
     assert not any("hidden.weight" in p for p in problems)
 
 
@@ -251,18 +270,20 @@ def test_short_of_space_never_touches_an_unverified_newest(tmp_path: Path, monke
 
 
 def test_enospc_during_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
     _save(tmp_path, 1)
-    real = C._write_file
+    real = streamio._write_all
     calls = []
 
-    def full(path: Path, data: bytes) -> None:
-        calls.append(path.name)
-        if len(calls) == 2:
-            real(path, data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, data)
+    def full(fd: int, data: memoryview) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if len(set(calls)) == 2:  # the second file: half of it reaches the disk, then it is full
+            real(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
 
-    monkeypatch.setattr(C, "_write_file", full)
+    monkeypatch.setattr(streamio, "_write_all", full)
     with pytest.raises(CheckpointError, match=r"disk full(.|\n)*partial write was removed(.|\n)*step-00000001 is intact"):
         _save(tmp_path, 2, keep=1)
     assert _names(tmp_path) == ["step-00000001"]  # no step-2, no temp dir, step-1 not pruned
@@ -368,7 +389,8 @@ def test_golden_v1_checkpoint_loads() -> None:
     assert (random.random(), np.random.random(), torch.rand(2).tolist(), gen.integers(1 << 30)) == expected
 
 
-def test_golden_v1_format_is_written_identically(tmp_path: Path) -> None:
+def test_golden_v1_content_is_written_in_the_same_bytes_with_blake3(tmp_path: Path) -> None:
+    """Format 3 changed only the manifest's hash: the files hold the bytes format 1 wrote."""
     written = _golden_module().write(tmp_path)
     stored = GOLDEN / "step-00000003"
     assert _names(written) == _names(stored)
@@ -376,8 +398,126 @@ def test_golden_v1_format_is_written_identically(tmp_path: Path) -> None:
         if f.name != "manifest.json":
             assert (written / f.name).read_bytes() == f.read_bytes(), f.name
     new, old = (json.loads((d / "manifest.json").read_text()) for d in (written, stored))
-    volatile = {"created", "versions", "manifest_sha256"}  # a timestamp, library versions, their hash
+    volatile = {"created", "versions", "manifest_sha256", "manifest_blake3"}  # a timestamp, library versions, their hash
+    # the v1 manifest with every sha256 swapped for the BLAKE3 of the same bytes is today's manifest
+    loaded = C.load_checkpoint(stored)
+    expect = {k: v for k, v in old.items() if k not in volatile} | {"format_version": 3, "hash": "blake3", "layout": "files"}
+    expect["files"] = {n: {"bytes": e["bytes"], "blake3": blake3_file(stored / n)} for n, e in old["files"].items()}
+    expect["tensors"] = {
+        f: {n: {"dtype": e["dtype"], "shape": e["shape"], "blake3": blake3_bytes(C._tensor_bytes(loaded.tensors[f.removesuffix(".safetensors")][n]))}
+            for n, e in entries.items()}
+        for f, entries in old["tensors"].items()
+    }  # fmt: skip
+    assert {k: v for k, v in new.items() if k not in volatile} == expect
+    assert all(sha256_bytes(C._tensor_bytes(loaded.tensors["model"][n])) == e["sha256"] for n, e in old["tensors"]["model.safetensors"].items())
+
+
+GOLDEN_V3 = Path(__file__).parent / "data" / "checkpoint-v3"
+
+
+def test_golden_v3_checkpoint_loads_and_is_written_identically(tmp_path: Path) -> None:
+    step_dir = GOLDEN_V3 / "step-00000003"
+    assert C.verify_checkpoint(step_dir) == []
+    v3, v1 = C.load_checkpoint(step_dir), C.load_checkpoint(GOLDEN / "step-00000003")
+    assert v3.state == v1.state and set(v3.tensors) == set(v1.tensors)
+    for group, arrays in v1.tensors.items():
+        assert set(v3.tensors[group]) == set(arrays)
+        for name, a in arrays.items():
+            b = v3.tensors[group][name]
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), (group, name)
+    written = _golden_module().write(tmp_path)
+    for f in sorted(step_dir.iterdir()):
+        if f.name != "manifest.json":
+            assert (written / f.name).read_bytes() == f.read_bytes(), f.name
+    new, old = (json.loads((d / "manifest.json").read_text()) for d in (written, step_dir))
+    volatile = {"created", "versions", "manifest_blake3"}
     assert {k: v for k, v in new.items() if k not in volatile} == {k: v for k, v in old.items() if k not in volatile}
+
+
+# ---------------------------------------------------------------------------------------
+# manifests from before format 3 (sha256, no "hash" entry) still load and still catch damage
+# ---------------------------------------------------------------------------------------
+def _legacy():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("legacy_checkpoint", GOLDEN.parent / "legacy_checkpoint.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sha256_manifest_loads_and_verifies(tmp_path: Path) -> None:
+    path = _save(tmp_path, 4)
+    old = _legacy().to_legacy(path)
+    assert old["format_version"] == 1 and "hash" not in old and "layout" not in old
+    assert C.verify_checkpoint(path) == []
+    ck = C.load_checkpoint(path)
+    assert ck.layout == "files" and ck.state == {"step": 4, "note": "x"}
+    assert all(np.array_equal(ck.group("model")[k], v) for k, v in _model(4).items())
+    assert C.latest_checkpoint(tmp_path).path == path and C.list_checkpoints(tmp_path)[0].valid
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        ("flip", r"model\.safetensors: tensor 'hidden\.bias' sha256 mismatch"),
+        ("state_json", r"state\.json: sha256 mismatch"),
+        ("tampered_manifest", r"does not match its own sha256"),
+        ("names_blake3", r"names hash 'blake3'; this exporter knows blake3, sha256 for format_version 1"),
+    ],
+)
+def test_sha256_manifest_damage_is_found(tmp_path: Path, damage: str, why: str) -> None:
+    path = _save(tmp_path, 1)
+    _legacy().to_legacy(path)
+    if damage == "flip":
+        _flip_byte(path / "model.safetensors")
+    elif damage == "state_json":
+        (path / "state.json").write_text(json.dumps({"step": 1, "note": "y"}, indent=1))
+    else:
+        m = json.loads((path / "manifest.json").read_text())
+        if damage == "tampered_manifest":
+            m["model"] = "cnn"
+        else:  # a format 1 manifest claiming another hash is not one exporter wrote
+            m["hash"] = "blake3"
+        (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointCorruptError, match=why) as info:
+        C.load_checkpoint(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "edit, why",
+    [
+        ({"hash": "md5"}, r"names hash 'md5'; this exporter knows blake3, sha256 for format_version 3"),
+        ({"hash": None}, r"names hash None"),
+        ({"format_version": 4}, r"format_version 4; this exporter reads 1, 2, 3 \(upgrade exporter\)"),
+        ({"layout": "zarr"}, r"layout 'zarr', expected files, dcp, orbax for format_version 3"),
+    ],
+)
+def test_manifest_hash_and_version_checks(tmp_path: Path, edit: dict, why: str) -> None:
+    path = _save(tmp_path, 1)
+    m = json.loads((path / "manifest.json").read_text())
+    m.update({k: v for k, v in edit.items() if v is not None})
+    if edit.get("hash", "") is None:
+        del m["hash"]
+    if "layout" in edit:  # re-seal, so that only the layout is wrong
+        body = {k: v for k, v in m.items() if k != "manifest_blake3"}
+        m["manifest_blake3"] = blake3_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointCorruptError, match=why):
+        C.load_checkpoint(path)
+
+
+def test_damaged_header_with_a_valid_manifest_is_named(tmp_path: Path) -> None:
+    """A file whose header is not exporter's (damage inside it) is parsed the slow way to say why."""
+    path = _save(tmp_path, 1)
+    f = path / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[20] = ord("x") if data[20] != ord("x") else ord("y")  # inside the header JSON
+    f.write_bytes(bytes(data))
+    problems = C.verify_checkpoint(path)
+    assert problems[0] == "model.safetensors: blake3 mismatch (content altered or damaged)"
+    assert len(problems) >= 2 and all(p.startswith("model.safetensors: ") for p in problems)
 
 
 # ---------------------------------------------------------------------------------------
@@ -391,7 +531,7 @@ def test_corrupt_step_is_a_checkpoint_error_and_a_state_file_error(tmp_path: Pat
     with pytest.raises(CheckpointError, match="corrupt or incomplete") as info:
         C.load_checkpoint(step_dir)
     assert isinstance(info.value, CheckpointCorruptError) and isinstance(info.value, StateFileError)
-    assert "model.safetensors: tensor 'hidden.bias' sha256 mismatch (content altered or damaged)" in info.value.problems
+    assert "model.safetensors: tensor 'hidden.bias' blake3 mismatch (content altered or damaged)" in info.value.problems
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
         with pytest.warns(C.CheckpointWarning):
             C.latest_checkpoint(tmp_path)
@@ -561,3 +701,80 @@ def test_groups_as_list_and_subset(tmp_path: Path) -> None:
     ck = C.load_checkpoint(path, groups=["optimizer"])
     assert set(ck.tensors) == {"optimizer"}
     assert set(C.latest_checkpoint(tmp_path, groups=("model",)).tensors) == {"model"}
+
+
+# ---------------------------------------------------------------------------------------
+# exporter.streamio: the streamed writer and the hashing reader
+# ---------------------------------------------------------------------------------------
+def test_streamed_safetensors_are_the_reference_writers_bytes(tmp_path: Path) -> None:
+    from safetensors.numpy import save as st_save
+
+    rng = np.random.default_rng(3)
+    dtypes = list(streamio.ST_CODES)
+    for trial in range(40):
+        arrays = {}
+        for _ in range(int(rng.integers(0, 7))):
+            shape = tuple(int(d) for d in rng.integers(0, 4, size=int(rng.integers(0, 3))))
+            arrays[f"t{int(rng.integers(50))}é"] = np.asarray((rng.standard_normal(shape) * 9).astype(dtypes[int(rng.integers(len(dtypes)))]))
+        meta = {"format": "exporter-checkpoint"} if trial % 2 else None
+        f = tmp_path / f"{trial}.safetensors"
+        entry, digests = streamio.write_safetensors(f, arrays, meta, "blake3")
+        data = f.read_bytes()
+        assert data == st_save(arrays, metadata=meta), sorted((n, a.dtype.name, a.shape) for n, a in arrays.items())
+        assert entry == {"bytes": len(data), "blake3": blake3_bytes(data)}
+        assert digests == {n: blake3_bytes(np.ascontiguousarray(a).tobytes()) for n, a in arrays.items()}
+        buf, digest = streamio.read_hashed(f, "sha256")
+        assert digest == sha256_bytes(data) and buf.tobytes() == data
+        got = streamio.views(buf, {n: (a.dtype.name, list(a.shape)) for n, a in arrays.items()}, meta)
+        assert got is not None and list(got) == list(arrays)
+        assert all(got[n].dtype == a.dtype and got[n].shape == a.shape and np.array_equal(got[n], a) for n, a in arrays.items())
+
+
+def test_views_only_of_the_expected_header(tmp_path: Path) -> None:
+    f = tmp_path / "a.safetensors"
+    streamio.write_safetensors(f, {"w": np.arange(4, dtype=np.float32)}, {"format": "x"}, "blake3")
+    buf, _ = streamio.read_hashed(f, "blake3")
+    assert streamio.views(buf, {"w": ("float32", [4])}, {"format": "x"}) is not None
+    for spec, meta in [
+        ({"w": ("float32", [2, 2])}, {"format": "x"}),  # another shape
+        ({"w": ("int32", [4])}, {"format": "x"}),  # another dtype
+        ({"v": ("float32", [4])}, {"format": "x"}),  # another name
+        ({"w": ("float32", [4])}, {"format": "y"}),  # other metadata
+        ({"w": ("float32", [4]), "b": ("uint8", [0])}, {"format": "x"}),  # a tensor it lacks
+    ]:
+        assert streamio.views(buf, spec, meta) is None, spec
+    assert streamio.views(buf[:-1], {"w": ("float32", [4])}, {"format": "x"}) is None  # truncated
+
+
+def test_writeback_errors_are_raised_by_the_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setattr(streamio, "SYNC_EVERY", 1 << 12)
+    monkeypatch.setattr(streamio, "CHUNK", 1 << 12)
+
+    import threading
+
+    synced = threading.Event()
+    real_write = streamio._write_all
+
+    def failing(fd: int) -> None:
+        synced.set()
+        raise OSError(errno.EIO, "Input/output error")
+
+    def write_after_the_first_writeback(fd: int, data: memoryview) -> None:
+        if streamio.CHUNK < os.fstat(fd).st_size:  # the first write-back was requested: let it run
+            synced.wait(60)
+        real_write(fd, data)
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    monkeypatch.setattr(streamio, "_write_all", write_after_the_first_writeback)
+    with pytest.raises(OSError, match="Input/output error"):
+        streamio.write_blob(tmp_path / "x", b"\1" * (1 << 16), "blake3")
+    monkeypatch.undo()
+    # with a working disk the same writer hashes the whole stream, in order
+    monkeypatch.setattr(streamio, "SYNC_EVERY", 1 << 12)
+    monkeypatch.setattr(streamio, "CHUNK", 1 << 12)
+    data = bytes(range(256)) * 300
+    assert streamio.write_blob(tmp_path / "y", data, "blake3", fsync=True) == {"bytes": len(data), "blake3": blake3_bytes(data)}
+    entry, digests = streamio.write_safetensors(tmp_path / "z", {"a": np.arange(5000.0), "b": np.ones(3000, np.int16)}, None, "blake3")
+    assert entry["blake3"] == blake3_file(tmp_path / "z") and digests["a"] == blake3_bytes(np.arange(5000.0).tobytes())

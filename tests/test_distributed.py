@@ -27,6 +27,7 @@ import pytest
 from conftest import shared_once
 
 from exporter import checkpoint as C
+from exporter.hashing import blake3_file
 from exporter import sharded
 from exporter.errors import CheckpointError, UsageError
 from exporter.training import train
@@ -159,7 +160,7 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path: Path, tmp_path_fact
     _flip_middle_byte(shard)
     proc = _run(crashed, args, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"skipping corrupt or partial checkpoint {newest}" in proc.stderr and "sha256 mismatch" in proc.stderr
+    assert f"skipping corrupt or partial checkpoint {newest}" in proc.stderr and "blake3 mismatch" in proc.stderr
     assert (crashed / f"{newest.name}.corrupt").is_dir()
     result = json.loads(proc.stdout)
     assert result["ok"] and result["final_step"] == STEPS and result["start_step"] == int(steps[-2].name[5:])
@@ -286,7 +287,7 @@ def test_sharded_step_protocol_and_damage(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"(?s)not complete.*stray\.bin: in .* but no rank reported"):
         C.commit_sharded(root, 5, files=files, **kw)
     (tmp / "dcp" / "stray.bin").unlink()
-    missing = {**files, "dcp/shard-00003.bin": {"bytes": 1, "sha256": "0" * 64}}
+    missing = {**files, "dcp/shard-00003.bin": {"bytes": 1, "blake3": "0" * 64}}
     with pytest.raises(CheckpointError, match=r"shard-00003\.bin: reported by a rank but not in"):
         C.commit_sharded(root, 5, files=missing, **kw)
     assert C.step_dirs(root) == []  # nothing was published
@@ -296,12 +297,42 @@ def test_sharded_step_protocol_and_damage(tmp_path: Path) -> None:
     assert ck.layout == "dcp" and ck.state == {"step": 5} and ck.ranks[1][1]["x"].tolist() == [1, 2, 3]
     info = C.list_checkpoints(root)[0]
     assert info.valid and info.total_bytes > 200
+    m = json.loads((step / "manifest.json").read_text())
+    assert (m["format_version"], m["hash"], m["layout"]) == (3, "blake3", "dcp") and "manifest_sha256" not in m
+    assert all(set(e) == {"bytes", "blake3"} for e in m["files"].values())
+    assert m["files"]["dcp/shard-00002.bin"]["blake3"] == blake3_file(step / "dcp" / "shard-00002.bin")
+    assert m["files"]["rank-00001.safetensors"]["blake3"] == blake3_file(step / "rank-00001.safetensors")
     _flip_middle_byte(step / "dcp" / "shard-00002.bin")
-    assert C.verify_checkpoint(step) == ["dcp/shard-00002.bin: sha256 mismatch (content altered or damaged)"]
+    assert C.verify_checkpoint(step) == ["dcp/shard-00002.bin: blake3 mismatch (content altered or damaged)"]
     (step / "rank-00001.json").unlink()
     assert "rank-00001.json: missing" in C.verify_checkpoint(step)
     with pytest.raises(CheckpointError, match="rank-00001.json: missing"):
         C.load_sharded_state(step, (1,))
+
+
+def test_sharded_sha256_manifest_still_loads_and_catches_damage(tmp_path: Path) -> None:
+    """A format 2 step (sha256 digests, from before the manifest named its hash) verifies and loads."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("legacy_checkpoint", Path(__file__).parent / "data" / "legacy_checkpoint.py")
+    legacy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(legacy)
+    root = tmp_path / "ck"
+    tmp = C.sharded_tmp(root, 3)
+    (tmp / "dcp").mkdir(parents=True)
+    files = C.write_rank_files(tmp, 0, {"rank": 0}, {"x": np.arange(4, dtype=np.int32)})
+    (tmp / "dcp" / "shard-00001.bin").write_bytes(bytes(range(200)))
+    files.update(C.hash_files(tmp, ["dcp/shard-00001.bin"]))
+    kw = dict(layout="dcp", model="mlp", framework="torch", tensors={"model": {}}, state={"step": 3}, info={"world_size": 1})
+    step = C.commit_sharded(root, 3, files=files, **kw)
+    old = legacy.to_legacy(step)
+    assert old["format_version"] == 2 and old["layout"] == "dcp" and "hash" not in old
+    assert C.verify_checkpoint(step) == []
+    ck = C.load_sharded_state(step, (0,))
+    assert ck.layout == "dcp" and ck.state == {"step": 3} and ck.ranks[0][1]["x"].tolist() == [0, 1, 2, 3]
+    assert C.latest_checkpoint(root).path == step
+    _flip_middle_byte(step / "rank-00000.safetensors")
+    assert C.verify_checkpoint(step) == ["rank-00000.safetensors: sha256 mismatch (content altered or damaged)"]
 
 
 def test_distributed_usage_errors(tmp_path: Path) -> None:

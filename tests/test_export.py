@@ -376,3 +376,64 @@ def test_an_export_onnxruntime_cannot_load_is_an_export_error(monkeypatch: pytes
     with pytest.raises(ExportError, match="onnxruntime cannot load the model.onnx that torch.onnx.dynamo just wrote"):
         exporter.export("mlp", framework="torch", batch_sizes=(1,), out=tmp_path)
     assert not (tmp_path / "mlp" / "torch").exists()
+
+
+# --------------------------------------------------------------------------- one serialisation, still checked
+def _ir_model(op: str):
+    import onnx_ir as ir
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", 20]))
+    w = ir.Value(name="w", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([20]), const_value=ir.tensor(np.ones(20, np.float32), name="w"))
+    node = ir.node(op, inputs=[x, w], name="n")
+    node.outputs[0].name = "y"
+    node.outputs[0].dtype = ir.DataType.FLOAT
+    node.outputs[0].shape = ir.Shape(["batch", 20])
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 20}, name="g")
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_finish_writes_what_it_checked(tmp_path: Path, external: bool) -> None:
+    """_finish serialises an inline model once: the file is byte-identical to onnx_ir's save,
+    and the checker still runs (on the bytes inline, on the file with external data)."""
+    import onnx_ir as ir
+
+    spec = registry.get("mlp")
+    path = tmp_path / "model.onnx"
+    out = onnx_export._finish(_ir_model("Add"), spec, path, "test", None, external, {"k": "v"})
+    assert out.external_data is external and (tmp_path / onnx_export.EXTERNAL_DATA_NAME).exists() is external
+    onnx.checker.check_model(str(path))
+    if not external:
+        again = tmp_path / "again.onnx"
+        ir.save(ir.load(path), again)
+        assert path.read_bytes() == again.read_bytes()
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}["exporter.k"] == "v"
+    with pytest.raises(ExportError, match=r"fails onnx.checker: ValidationError: No Op registered for NoSuchOp"):
+        onnx_export._finish(_ir_model("NoSuchOp"), spec, tmp_path / "bad" / "model.onnx", "test", None, external, None)
+
+
+# --------------------------------------------------------------------------- flax reference prefetched
+def test_flax_reference_prefetched_during_the_torch_bundle_is_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With both frameworks, the flax reference is built and compiled in a thread while the torch
+    bundle exports (exporter.bundle._prefetch_flax); its test data are the very bits a flax-only
+    export records, and nothing is left behind."""
+    import exporter
+    from exporter import bundle, testdata
+
+    started: list[str] = []
+    real = bundle._prefetch_flax
+    monkeypatch.setattr(bundle, "_prefetch_flax", lambda plan, source: (started.append(plan.spec.name), real(plan, source))[1])
+    both = exporter.export("transformer", framework="all", out=tmp_path / "both")
+    seeded = tmp_path / "both" / "transformer" / "flax" / bundle.STATE_FILE  # the same weights, from a file
+    alone = exporter.export("transformer", framework="flax", checkpoint=seeded, out=tmp_path / "alone")
+    assert started == ["transformer"] and not bundle._PREFETCH
+    assert all(r.ok for r in both.results + alone.results)
+    a, b = tmp_path / "both" / "transformer" / "flax", tmp_path / "alone" / "transformer" / "flax"
+    sets = sorted(p.name for p in a.glob("test_data_set_*"))
+    assert sets and sets == sorted(p.name for p in b.glob("test_data_set_*"))
+    for name in sets:
+        (ia, oa), (ib, ob) = testdata.read_test_data(a / name), testdata.read_test_data(b / name)
+        for k in oa:
+            np.testing.assert_array_equal(oa[k], ob[k])
+        for k in ia:
+            np.testing.assert_array_equal(ia[k], ib[k])

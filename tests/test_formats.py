@@ -148,7 +148,7 @@ def test_read_state_damaged_checkpoint_step(tmp_path: Path) -> None:
     data = bytearray((step / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (step / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(CheckpointCorruptError, match="sha256 mismatch") as info:
+    with pytest.raises(CheckpointCorruptError, match="blake3 mismatch") as info:
         S.read_state(step)
     assert isinstance(info.value, StateFileError)
     with pytest.warns(UserWarning, match="skipping corrupt"):

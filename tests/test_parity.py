@@ -115,6 +115,23 @@ def test_nan_inf_mismatch_always_fails(reference: list[float], candidate: list[f
         assert all(np.isfinite(v) for v in (c.max_abs, c.max_rel, c.mean_abs, c.p99_abs))  # stats over finite pairs
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_all_finite_fast_path_gives_the_masked_numbers(dtype: type) -> None:
+    """_stats skips the masking copies when every value is finite: the statistics must be
+    the very numbers the masked path gives for the same finite values (a NaN in both
+    arrays sends the same values through the masked path)."""
+    from exporter.parity import _stats
+
+    rng = np.random.default_rng(3)
+    r = rng.standard_normal(4099).astype(dtype)
+    c = (r + rng.standard_normal(r.shape) * 1e-3).astype(dtype)
+    c[::97] = r[::97] + 1  # some values out of tolerance
+    fast = _stats(r, c, 1e-3, 1e-3, 1e-6)
+    masked = _stats(np.append(r, np.nan).astype(dtype), np.append(c, np.nan).astype(dtype), 1e-3, 1e-3, 1e-6)
+    assert masked.pop("n_total") == fast.pop("n_total") + 1
+    assert fast == masked and fast["n_bad"] >= len(r[::97])
+
+
 def test_matching_non_finite_values_are_equal() -> None:
     r = np.float32([np.nan, np.inf, -np.inf, 1.0])
     c = one(r, r.copy())

@@ -508,3 +508,52 @@ def test_negative_control_perturbed_weight_fails(artifacts: _Session, tmp_path: 
     assert not report
     assert [c.case for c in report.failed_checks()] == ["batch=1", "batch=2", "batch=7", "batch=64"]
     assert all(c.max_abs is not None and 9e-4 < c.max_abs < 1.1e-3 for c in report.failed_checks())
+
+
+# ---------------------------------------------------------------------------------------
+# prepare(): the sweep's XLA compiles ahead, in parallel (bundle step 1)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wait", [True, False])
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
+def test_jax_prepare_gives_the_same_bits_as_jit(model: str, wait: bool) -> None:
+    """prepare() compiles what jax.jit would: the outputs are bit-identical, one executable per
+    shape; with wait=False the compiles finish in the background and run() waits for its own."""
+    from exporter.rebuild import init_state
+    from exporter.runtimes.jax import JaxRuntime
+
+    spec = registry.get(model)
+    canonical = init_state(spec, seed=2, framework="flax")
+    dims = [{"batch": b, **({"seq": s} if "seq" in spec.dynamic_dims() else {})} for b in (1, 3) for s in (2, 5)]
+    feeds = [spec.example_inputs(d, seed=7) for d in dims]
+    plain = JaxRuntime(spec, canonical)
+    prepared = JaxRuntime(spec, canonical)
+    prepared.prepare(feeds + feeds[:1], wait=wait)  # a repeated shape compiles once
+    shapes = len({tuple(f[t.name].shape for t in spec.inputs) for f in feeds})
+    assert len(prepared._compiled) + len(prepared._pending) == shapes
+    assert (len(prepared._compiled), len(prepared._pending)) == ((shapes, 0) if wait else (0, shapes))
+    assert not plain._compiled and not plain._pending
+    for feed in feeds:
+        want, got = plain.run(feed), prepared.run(feed)
+        for name in spec.outputs:
+            assert got[name].dtype == want[name].dtype
+            np.testing.assert_array_equal(got[name], want[name])
+    # a shape it was not prepared for still runs (through jax.jit)
+    other = spec.example_inputs({"batch": 4}, seed=1)
+    np.testing.assert_array_equal(prepared.run(other)[spec.outputs[0]], plain.run(other)[spec.outputs[0]])
+    assert not prepared._pending and len(prepared._compiled) == shapes
+    prepared.close()
+    assert not prepared._compiled
+
+
+def test_jax_prepare_leaves_bad_feeds_to_run() -> None:
+    """A feed that does not fit, or a build that fails, is not compiled: run() reports it as before."""
+    from exporter.runtimes.base import Runtime as BaseRuntime
+
+    rt = _framework_runtime("jax", _odd_spec("raises"))
+    rt.prepare([{"x": np.ones((2, 3), np.float32)}, {"x": np.ones((2, 3), np.int32)}, {"nope": np.ones(2)}])
+    assert not rt._compiled
+    with pytest.raises(RunError, match=r"failed to run: ValueError: shapes do not match"):
+        rt.run({"x": np.ones((2, 3), np.float32)})
+    assert BaseRuntime.prepare(rt, [{"x": 1}]) is None  # the default: nothing to do

@@ -25,9 +25,9 @@ from exporter.training import TrainResult, train
 
 
 def _final_hashes(step_dir: Path) -> dict[str, str]:
-    """sha256 of every file of a checkpoint except the manifest (which holds a timestamp)."""
+    """The digest of every file of a checkpoint except the manifest (which holds a timestamp)."""
     m = json.loads((step_dir / "manifest.json").read_text())
-    return {name: meta["sha256"] for name, meta in m["files"].items()}
+    return {name: meta[m["hash"]] for name, meta in m["files"].items()}
 
 
 def _run_cli(ckpt_dir: Path, args: list[str], crash: str | None, tmp_cache: Path) -> subprocess.CompletedProcess[str]:
@@ -104,7 +104,7 @@ def test_sigkill_and_resume_is_bit_exact(
     proc = _run_cli(crashed, args, None, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipping corrupt or partial checkpoint {newest}" in proc.stderr
-    assert "tensor 'hidden.weight' sha256 mismatch" in proc.stderr
+    assert "tensor 'hidden.weight' blake3 mismatch" in proc.stderr
     assert "removed leftover" in proc.stderr
     result = json.loads(proc.stdout)
     assert result["ok"] and result["final_step"] == steps

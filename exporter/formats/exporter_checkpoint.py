@@ -3,9 +3,11 @@
 A checkpoint directory (its newest valid step is used, newer damaged ones are warned
 about) or one ``step-NNNNNNNN`` directory; the state is the step's canonical ``model``
 group.  :func:`exporter.checkpoint.model_checkpoint` reads each file of the step once and
-checks it against the sha256 its manifest records while loading, so the content hash
-reported here is the sha256 of that step's ``manifest.json`` (which pins every file's
-hash), the path is the step directory, and the metadata is the run's ``model``,
+checks it against the digest its manifest records while loading (BLAKE3 for checkpoints
+of format 3, sha256 for older ones), so the content hash reported here is the sha256 of
+that step's ``manifest.json`` (which pins every file's digest: a provenance value users
+can check with ``sha256sum``, whatever hash the checkpoint uses inside), the path is the
+step directory, and the metadata is the run's ``model``,
 ``framework`` and ``step`` from the manifest.  Read-only (``exporter train`` writes them).
 """
 

@@ -34,9 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exporter import atomic, testdata
+from exporter import atomic, provenance, testdata
 from exporter.errors import BundleError, RunError
-from exporter.hashing import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.parity import OutputCheck
@@ -63,7 +62,13 @@ class _NotPublished(Exception):
 
 
 def build_variants(
-    plan: ExportPlan, framework: str, fp32_dir: Path, expected: Sequence[Mapping[str, np.ndarray]], *, reference: str
+    plan: ExportPlan,
+    framework: str,
+    fp32_dir: Path,
+    expected: Sequence[Mapping[str, np.ndarray]],
+    *,
+    reference: str,
+    checkpoint_sha256: str | None = None,
 ) -> tuple[VariantResult, ...]:
     """Make, judge and publish every variant in ``plan.variants`` of the bundle at ``fp32_dir``.
 
@@ -73,6 +78,8 @@ def build_variants(
         fp32_dir: the published float32 bundle.
         expected: the framework's outputs for each of ``plan.runs``.
         reference: the reference runtime's name (``"torch"``, ``"jax"``).
+        checkpoint_sha256: the state's content hash (None: seeded), for each variant's
+            ``built_from`` record (``exporter.provenance``).
 
     Returns:
         One :class:`~exporter.variants.VariantResult` per variant, in plan order, with
@@ -105,7 +112,8 @@ def build_variants(
                 outcome.append(res)
                 if res.parity is None or not (tmp / _ONNX).is_file():
                     raise _NotPublished
-                _write(tmp, fp32_dir, fp32_manifest, res, time.perf_counter() - t)
+                built_from = provenance.record(plan, framework, checkpoint_sha256, variant=name)
+                _write(tmp, fp32_dir, fp32_manifest, res, time.perf_counter() - t, built_from)
         except _NotPublished:
             results.append(replace(outcome[0], path=None))
             continue
@@ -117,7 +125,9 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _write(tmp: Path, fp32_dir: Path, fp32: Mapping[str, Any], res: VariantResult, seconds: float) -> None:
+def _write(
+    tmp: Path, fp32_dir: Path, fp32: Mapping[str, Any], res: VariantResult, seconds: float, built_from: Mapping[str, Any]
+) -> None:
     """The variant bundle's files in ``tmp`` (plain writes: ``atomic_dir`` fsyncs once)."""
     assert res.parity is not None and res.metrics is not None and res.info is not None
     for s in fp32["test_data_sets"]:
@@ -132,12 +142,12 @@ def _write(tmp: Path, fp32_dir: Path, fp32: Mapping[str, Any], res: VariantResul
     }
     (tmp / _PARITY_JSON).write_text(json.dumps(parity_doc, indent=2, allow_nan=False), encoding="utf-8")
     (tmp / _PARITY_JUNIT).write_text(res.parity.to_junit_xml(), encoding="utf-8")
-    onnx_file = tmp / _ONNX
+    files = provenance.file_table(tmp)  # every file but the manifest (incremental exports check them)
     manifest = {
         **{k: v for k, v in fp32.items() if k not in ("created", "seconds", "export_warnings")},
         "variant": res.variant,
         "source_bundle": fp32_dir.name,
-        "onnx": {"file": _ONNX, "sha256": sha256_file(onnx_file), "bytes": onnx_file.stat().st_size, "external_data": None},
+        "onnx": {"file": _ONNX, "sha256": files[_ONNX]["sha256"], "bytes": files[_ONNX]["bytes"], "external_data": None},
         "tolerances": {**fp32["tolerances"], "per_output": {o: t.to_dict() for o, t in res.tolerances.items()}},
         "verdict": res.status,
         "elementwise_decides": res.elementwise_decides,
@@ -151,6 +161,10 @@ def _write(tmp: Path, fp32_dir: Path, fp32: Mapping[str, Any], res: VariantResul
             "junit": _PARITY_JUNIT,
             "failures": res.failures() if not res.ok else [],
         },
+        # its result, as `export` reports it, for a later export that finds it up to date
+        "result": {**res.to_dict(), "path": None},
+        provenance.RECORD_KEY: dict(built_from),
+        provenance.FILES_KEY: files,
         "seconds": {"variant": round(seconds, 3)},
         "created": _utc_now(),
     }
