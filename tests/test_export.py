@@ -413,6 +413,7 @@ def test_finish_writes_what_it_checked(tmp_path: Path, external: bool) -> None:
 
 
 # --------------------------------------------------------------------------- flax reference prefetched
+@pytest.mark.slow
 def test_flax_reference_prefetched_during_the_torch_bundle_is_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With both frameworks, the flax reference is built and compiled in a thread while the torch
     bundle exports (exporter.bundle._prefetch_flax); its test data are the very bits a flax-only

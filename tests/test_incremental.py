@@ -79,10 +79,10 @@ def test_force_rebuilds(out):
     ("change", "key"),
     [
         (dict(opset=18), "options.opset"),
-        (dict(batch_sizes=(1, 3)), "options.sweep_sha256"),
-        (dict(seed=1), "state.seed"),
-        (dict(atol=1e-3), "options.atol"),
-        (dict(intra_op_threads=1), "options.intra_op_threads"),
+        pytest.param(dict(batch_sizes=(1, 3)), "options.sweep_sha256", marks=pytest.mark.slow),
+        pytest.param(dict(seed=1), "state.seed", marks=pytest.mark.slow),
+        pytest.param(dict(atol=1e-3), "options.atol", marks=pytest.mark.slow),
+        pytest.param(dict(intra_op_threads=1), "options.intra_op_threads", marks=pytest.mark.slow),
     ],
 )
 def test_an_option_that_changes_the_output_rebuilds_and_says_which(out, change, key):
@@ -95,8 +95,8 @@ def test_an_option_that_changes_the_output_rebuilds_and_says_which(out, change, 
     ("damage", "why"),
     [
         (lambda b: (b / "test_data_set_0" / "output_0.pb").write_bytes(b"\0" * 8), "test_data_set_0/output_0.pb: size changed"),
-        (lambda b: (b / "parity.junit.xml").unlink(), "parity.junit.xml: missing"),
-        (lambda b: (b / "notes.txt").write_text("x"), "notes.txt: not written by the export"),
+        pytest.param(lambda b: (b / "parity.junit.xml").unlink(), "parity.junit.xml: missing", marks=pytest.mark.slow),
+        pytest.param(lambda b: (b / "notes.txt").write_text("x"), "notes.txt: not written by the export", marks=pytest.mark.slow),
     ],
 )
 def test_a_damaged_bundle_is_rebuilt_and_the_file_is_named(out, damage, why):
@@ -116,6 +116,7 @@ def test_same_size_content_change_is_caught_by_the_hash(out):
     assert not r.up_to_date and "model.onnx: content changed (sha256)" in r.rebuilt_because[0]
 
 
+@pytest.mark.slow
 def test_a_bundle_without_a_record_is_rebuilt(out):
     bundle = out / "mlp" / "torch"
     m = _manifest(bundle)
@@ -125,6 +126,7 @@ def test_a_bundle_without_a_record_is_rebuilt(out):
     assert not r.up_to_date and "older exporter" in r.rebuilt_because[0]
 
 
+@pytest.mark.slow
 def test_a_failing_bundle_is_always_exported_again(tmp_path):
     out = tmp_path / "out"
     first = _export(out, atol=0.0, rtol=0.0, explain_failures=False)
@@ -153,6 +155,7 @@ def test_a_changed_checkpoint_rebuilds_and_the_same_content_elsewhere_does_not(o
     assert _manifest(out2 / "mlp" / "torch")["checkpoint"]["sha256"] == state.inspect_state(ckpt).sha256
 
 
+@pytest.mark.slow
 def test_only_the_changed_model_is_rebuilt(tmp_path):
     out = tmp_path / "out"
     _export(out, ["mlp", "cnn"])
@@ -169,6 +172,7 @@ def test_only_the_changed_model_is_rebuilt(tmp_path):
     assert any("cnn (torch): exporting (changed since it was built" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_variants_are_part_of_the_check(tmp_path):
     out = tmp_path / "out"
     first = _export(out, variants="fp16")

@@ -516,7 +516,7 @@ def test_negative_control_perturbed_weight_fails(artifacts: _Session, tmp_path: 
 
 
 @pytest.mark.parametrize("wait", [True, False])
-@pytest.mark.parametrize("model", ["mlp", "transformer"])
+@pytest.mark.parametrize("model", ["mlp", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_jax_prepare_gives_the_same_bits_as_jit(model: str, wait: bool) -> None:
     """prepare() compiles what jax.jit would: the outputs are bit-identical, one executable per
     shape; with wait=False the compiles finish in the background and run() waits for its own."""
