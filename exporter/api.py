@@ -775,6 +775,7 @@ def _worker_init(plugins: Sequence[str], queue: Any, threads: int) -> None:
     """A worker's start: its share of the cores for torch and XLA (unless the user set
     them; before either is imported), the user's registry modules, the progress queue."""
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("EXPORTER_THREADS", str(threads))  # the flax sweep's parallel XLA compiles (runtimes/jax.py)
     os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} intra_op_parallelism_threads={threads}")
     from exporter.models.registry import load_plugins
 

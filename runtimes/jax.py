@@ -36,6 +36,11 @@ def _signature(args: Sequence[np.ndarray]) -> tuple[tuple[tuple[int, ...], str],
 
 
 def _cores() -> int:
+    """Threads for XLA compiles: ``EXPORTER_THREADS`` when set (an ``export --jobs`` worker's
+    share of the cores; the test suite's 1), else the cores this process may use."""
+    given = os.environ.get("EXPORTER_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
     try:
         return max(len(os.sched_getaffinity(0)), 1)  # a pinned process (benchmarks P4) gets its cores only
     except (AttributeError, OSError):  # pragma: no cover - no affinity API

@@ -7,6 +7,7 @@ names, the reference's shapes and dtypes, and values within the model's toleranc
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -557,3 +558,13 @@ def test_jax_prepare_leaves_bad_feeds_to_run() -> None:
     with pytest.raises(RunError, match=r"failed to run: ValueError: shapes do not match"):
         rt.run({"x": np.ones((2, 3), np.float32)})
     assert BaseRuntime.prepare(rt, [{"x": 1}]) is None  # the default: nothing to do
+
+
+def test_jax_compile_threads_follow_exporter_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``export --jobs`` worker's share of the cores (EXPORTER_THREADS) sizes the compile pool."""
+    from exporter.runtimes import jax as jax_rt
+
+    monkeypatch.setenv("EXPORTER_THREADS", "3")
+    assert jax_rt._cores() == 3
+    monkeypatch.setenv("EXPORTER_THREADS", "0")  # not a positive count: ignored
+    assert jax_rt._cores() == max(len(os.sched_getaffinity(0)), 1)
