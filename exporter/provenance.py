@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -41,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exporter.hashing import sha256_file
+from exporter.hashing import new_hash, sha256_entries, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from exporter.models.registry import ModelSpec
@@ -69,10 +68,6 @@ _MANIFEST = "manifest.json"
 
 
 # --------------------------------------------------------------------------- sources
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @functools.lru_cache(maxsize=1)
 def exporter_source_sha256() -> str:
     """sha256 over exporter's own source files (its package and ``exporter.runtimes``, not
@@ -89,11 +84,8 @@ def exporter_source_sha256() -> str:
             for f in sorted(base.rglob("*.py")):
                 if any(f.is_relative_to(m) for m in models_dirs) or "__pycache__" in f.parts:
                     continue
-                entries[f"{label}/{f.relative_to(base).as_posix()}"] = _file_sha256(f)
-    h = hashlib.sha256()
-    for rel in sorted(entries):
-        h.update(f"{rel}\0{entries[rel]}\n".encode())
-    return h.hexdigest()
+                entries[f"{label}/{f.relative_to(base).as_posix()}"] = sha256_file(f)
+    return sha256_entries((rel, entries[rel]) for rel in sorted(entries))
 
 
 def _module_file(name: str) -> Path | None:
@@ -183,7 +175,7 @@ def _closure(start: tuple[str, ...]) -> dict[str, str]:
         f = _module_file(name)
         if f is None or not any(f.is_relative_to(r) for r in roots):
             continue
-        seen[name] = _file_sha256(f)
+        seen[name] = sha256_file(f)
         todo.extend(sorted(_imported_names(f, name) - seen.keys()))
     return dict(sorted(seen.items()))
 
@@ -191,7 +183,7 @@ def _closure(start: tuple[str, ...]) -> dict[str, str]:
 # --------------------------------------------------------------------------- the record
 def runs_sha256(runs: Sequence[Run]) -> str:
     """sha256 over the sweep: every case's label, dims and input arrays (dtype, shape, bytes)."""
-    h = hashlib.sha256()
+    h = new_hash("sha256")
     for label, dims, feed in runs:
         h.update(json.dumps([label, dict(dims)], sort_keys=True).encode() + b"\0")
         for name in sorted(feed):
